@@ -1,0 +1,6 @@
+"""Pure-PyTorch references of every op, literal to ../shared/SPEC.md: the oracle of the tests and the
+baseline of the benchmarks. No speed tricks."""
+
+from .shift_expand import shift_expand
+
+__all__ = ["shift_expand"]

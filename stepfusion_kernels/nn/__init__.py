@@ -1,0 +1,5 @@
+"""Drop-in nn.Modules around the ops."""
+
+from .shift_expand import StepShiftExpand
+
+__all__ = ["StepShiftExpand"]

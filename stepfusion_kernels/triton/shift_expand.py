@@ -1,0 +1,203 @@
+"""Triton kernels of `shift_expand`: a one-pass forward (one program per row) and a backward whose
+programs each own up to ROWS rows of one sample, writing per-program partial sums that a second,
+deterministic pass (torch.sum, no atomics) reduces into the gate/weight/bias and global gradients."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import row_block, tanh
+
+# Partial sums written by every backward program, in this order along the partial buffer's axis 1.
+GATE, WEIGHT, BIAS, EXPAND_GLOBAL, SHIFT_GLOBAL = range(5)
+MAX_ROWS_PER_PROGRAM = 32
+
+
+@triton.jit
+def _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr, gate_ptr,
+           offs, global_offs, cols, mask,
+           HAS_SCALE_LOCAL: tl.constexpr, HAS_SHIFT_LOCAL: tl.constexpr, HAS_SCALE_GLOBAL: tl.constexpr,
+           HAS_SHIFT_GLOBAL: tl.constexpr, HAS_GATE: tl.constexpr):
+    """x, s, u, h and tanh(scale_local) of one row in fp32; masked lanes hold zeros in h."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tanh_local = tl.zeros_like(x)
+    if HAS_SCALE_LOCAL:
+        tanh_local = tanh(tl.load(scale_local_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+    s = 1.0 + tanh_local
+    if HAS_SCALE_GLOBAL:
+        s = s * (1.0 + tanh(tl.load(scale_global_ptr + global_offs, mask=mask, other=0.0).to(tl.float32)))
+    t = tl.zeros_like(x)
+    if HAS_SHIFT_LOCAL:
+        t += tl.load(shift_local_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT_GLOBAL:
+        t += tl.load(shift_global_ptr + global_offs, mask=mask, other=0.0).to(tl.float32)
+    u = (s - 1.0) * x + t
+    if HAS_GATE:
+        h = x + tl.load(gate_ptr + cols, mask=mask, other=0.0).to(tl.float32) * u
+    else:
+        h = x + u
+    return x, s, u, tl.where(mask, h, 0.0), tanh_local
+
+
+@triton.jit
+def _forward_kernel(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr, gate_ptr,
+                    weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, length, dim, eps,
+                    HAS_SCALE_LOCAL: tl.constexpr, HAS_SHIFT_LOCAL: tl.constexpr, HAS_SCALE_GLOBAL: tl.constexpr,
+                    HAS_SHIFT_GLOBAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < dim
+    offs = row * dim + cols
+    global_offs = (row // length) * dim + cols
+    _, _, _, h, _ = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr, gate_ptr,
+                           offs, global_offs, cols, mask, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL,
+                           HAS_SHIFT_GLOBAL, HAS_GATE)
+    mean = tl.sum(h, axis=0) / dim
+    centred = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / dim + eps)
+    y = centred * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _backward_kernel(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr,
+                     gate_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_ptr, grad_scale_local_ptr,
+                     grad_shift_local_ptr, partial_ptr, length, dim,
+                     HAS_SCALE_LOCAL: tl.constexpr, HAS_SHIFT_LOCAL: tl.constexpr, HAS_SCALE_GLOBAL: tl.constexpr,
+                     HAS_SHIFT_GLOBAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    sample = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    global_offs = sample * dim + cols
+    gate = tl.full([BLOCK_D], 1.0, tl.float32)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    weight = tl.full([BLOCK_D], 1.0, tl.float32)
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    expand_global = tl.full([BLOCK_D], 1.0, tl.float32)
+    if HAS_SCALE_GLOBAL:
+        expand_global = 1.0 + tanh(tl.load(scale_global_ptr + global_offs, mask=col_mask, other=0.0).to(tl.float32))
+
+    sum_gate = tl.zeros([BLOCK_D], tl.float32)
+    sum_weight = tl.zeros([BLOCK_D], tl.float32)
+    sum_bias = tl.zeros([BLOCK_D], tl.float32)
+    sum_expand_global = tl.zeros([BLOCK_D], tl.float32)
+    sum_shift_global = tl.zeros([BLOCK_D], tl.float32)
+    for i in range(ROWS):
+        position = tile * ROWS + i
+        in_range = position < length
+        mask = col_mask & in_range
+        row = sample * length + position
+        offs = row * dim + cols
+        x, s, u, h, tanh_local = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr,
+                                        shift_global_ptr, gate_ptr, offs, global_offs, cols, mask,
+                                        HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL,
+                                        HAS_GATE)
+        mean = tl.load(mean_ptr + row, mask=in_range, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=in_range, other=0.0)
+        grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+        grad_xhat = grad_y * weight
+        c1 = tl.sum(grad_xhat, axis=0) / dim
+        c2 = tl.sum(grad_xhat * xhat, axis=0) / dim
+        grad_h = tl.where(mask, rstd * (grad_xhat - c1 - xhat * c2), 0.0)
+        grad_h_gated = grad_h * gate
+        sum_gate += grad_h * u
+        sum_weight += grad_y * xhat
+        sum_bias += grad_y
+        sum_expand_global += grad_h_gated * x * (1.0 + tanh_local)
+        sum_shift_global += grad_h_gated
+        tl.store(grad_x_ptr + offs, (grad_h + grad_h_gated * (s - 1.0)).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        if HAS_SHIFT_LOCAL:
+            tl.store(grad_shift_local_ptr + offs, grad_h_gated.to(grad_shift_local_ptr.dtype.element_ty), mask=mask)
+        if HAS_SCALE_LOCAL:
+            grad_scale = grad_h_gated * x * expand_global * (1.0 - tanh_local * tanh_local)
+            tl.store(grad_scale_local_ptr + offs, grad_scale.to(grad_scale_local_ptr.dtype.element_ty), mask=mask)
+
+    # Order along the partial buffer's axis 2: GATE, WEIGHT, BIAS, EXPAND_GLOBAL, SHIFT_GLOBAL.
+    partial = partial_ptr + (sample * tl.num_programs(1) + tile) * 5 * dim + cols
+    tl.store(partial + 0 * dim, sum_gate, mask=col_mask)
+    tl.store(partial + 1 * dim, sum_weight, mask=col_mask)
+    tl.store(partial + 2 * dim, sum_bias, mask=col_mask)
+    tl.store(partial + 3 * dim, sum_expand_global, mask=col_mask)
+    tl.store(partial + 4 * dim, sum_shift_global, mask=col_mask)
+
+
+def _flags(scale_local, shift_local, scale_global, shift_global, gate):
+    return dict(HAS_SCALE_LOCAL=scale_local is not None, HAS_SHIFT_LOCAL=shift_local is not None,
+                HAS_SCALE_GLOBAL=scale_global is not None, HAS_SHIFT_GLOBAL=shift_global is not None,
+                HAS_GATE=gate is not None)
+
+
+def _or(tensor, placeholder):
+    """Triton needs a pointer for every argument; absent ones get a placeholder the kernel never reads."""
+    return placeholder if tensor is None else tensor.contiguous()
+
+
+def forward(x, scale_local, shift_local, scale_global, shift_global, gate, weight, bias, eps):
+    """Returns (y, mean, rstd) with mean and rstd in float32 of shape (B, L)."""
+    batch, length, dim = x.shape
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    mean = torch.empty((batch, length), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if y.numel() == 0:
+        return y, mean, rstd
+    block, num_warps = row_block(dim, "shift_expand")
+    _forward_kernel[(batch * length,)](
+        x, _or(scale_local, x), _or(shift_local, x), _or(scale_global, x), _or(shift_global, x), _or(gate, x),
+        _or(weight, x), _or(bias, x), y, mean, rstd, length, dim, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        **_flags(scale_local, shift_local, scale_global, shift_global, gate),
+        BLOCK_D=block, num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def backward(grad_y, x, scale_local, shift_local, scale_global, shift_global, gate, weight, bias, mean, rstd):
+    """Gradients in argument order; an absent optional argument gets an empty tensor."""
+    batch, length, dim = x.shape
+    x = x.contiguous()
+    def absent():  # a fresh empty tensor each time: outputs of a custom op may not alias each other
+        return x.new_empty(0)
+
+    grad_x = torch.empty_like(x)
+    grad_scale_local = absent() if scale_local is None else torch.empty_like(x)
+    grad_shift_local = absent() if shift_local is None else torch.empty_like(x)
+    rows = min(MAX_ROWS_PER_PROGRAM, triton.next_power_of_2(max(length, 1)))
+    tiles = triton.cdiv(length, rows)
+    partial = torch.zeros((batch, tiles, 5, dim), device=x.device, dtype=torch.float32)
+    if x.numel() > 0:
+        block, num_warps = row_block(dim, "shift_expand")
+        _backward_kernel[(batch, tiles)](
+            grad_y.contiguous(), x, _or(scale_local, x), _or(shift_local, x), _or(scale_global, x),
+            _or(shift_global, x), _or(gate, x), _or(weight, x), mean.contiguous(), rstd.contiguous(),
+            grad_x, grad_scale_local if scale_local is not None else x,
+            grad_shift_local if shift_local is not None else x, partial, length, dim,
+            HAS_WEIGHT=weight is not None, **_flags(scale_local, shift_local, scale_global, shift_global, gate),
+            ROWS=rows, BLOCK_D=block, num_warps=num_warps,
+        )
+    # Second pass: fixed-shape reductions over the programs' partials (deterministic, no atomics).
+    channel_sums = partial.sum(dim=(0, 1))
+    sample_sums = partial.sum(dim=1)
+
+    def grad_of(arg, value):
+        return absent() if arg is None else value.to(x.dtype, copy=True)  # the sums share one buffer
+
+    grad_scale_global = absent()
+    if scale_global is not None:
+        tanh_global = torch.tanh(scale_global.float())
+        grad_scale_global = (sample_sums[:, EXPAND_GLOBAL] * (1 - tanh_global * tanh_global)).to(x.dtype)
+    return (grad_x, grad_scale_local, grad_shift_local, grad_scale_global,
+            grad_of(shift_global, sample_sums[:, SHIFT_GLOBAL]), grad_of(gate, channel_sums[GATE]),
+            grad_of(weight, channel_sums[WEIGHT]), grad_of(bias, channel_sums[BIAS]))

@@ -1,0 +1,181 @@
+"""One test harness for every op: each usable backend against python_ref evaluated in float64.
+
+An op's test file describes the op once (`OpUnderTest`) and lists its cases (`Case`); the harness
+turns them into tests over backends x dtypes, forward and every gradient, and provides the shared
+checks (opcheck, gradcheck, torch.compile, empty inputs, determinism)."""
+
+import dataclasses
+import zlib
+from typing import Callable
+
+import pytest
+import torch
+
+import stepfusion_kernels
+
+# ||out - ref|| / ||ref|| bounds of SPEC.md, per dtype; an op may loosen float32 (guidance_attention).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = {
+    "reference": (torch.float32, torch.bfloat16),  # the fp64 reference would only compare with itself
+    "cpu": (torch.float64, torch.float32, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+HAS_CUDA = torch.cuda.is_available()
+NEEDS_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One input configuration. `build(generator)` returns the op's keyword arguments with float64 CPU
+    tensors (or None / plain values); `noncontiguous` names the tensors to pass as strided views."""
+
+    name: str
+    build: Callable[[torch.Generator], dict]
+    noncontiguous: tuple = ()
+
+    def __str__(self):
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class OpUnderTest:
+    """fn(**kwargs, backend=...) is the public op and ref(**kwargs) its python_ref."""
+
+    fn: Callable
+    ref: Callable
+    float32_tolerance: float = TOLERANCE[torch.float32]
+
+    def tolerance(self, dtype):
+        return self.float32_tolerance if dtype == torch.float32 else TOLERANCE[dtype]
+
+
+def backend_params():
+    """(backend, device) pairs: the CPU ones, and the GPU ones (skipped without a GPU)."""
+    usable = stepfusion_kernels.backends()
+    params = [pytest.param(name, "cpu", id=f"{name}-cpu") for name in ("reference", "cpu", "triton") if name in usable]
+    params += [pytest.param(name, "cuda", id=f"{name}-cuda", marks=NEEDS_GPU) for name in ("cuda", "triton")]
+    return params
+
+
+def backend_dtype_params():
+    params = []
+    for param in backend_params():
+        backend, device = param.values
+        for dtype in DTYPES[backend]:
+            short = str(dtype).replace("torch.", "")
+            params.append(pytest.param(backend, device, dtype, id=f"{param.id}-{short}", marks=param.marks))
+    return params
+
+
+def seeded_generator(*names):
+    return torch.Generator().manual_seed(zlib.crc32("/".join(map(str, names)).encode()))
+
+
+def randn(generator, *shape):
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+def strided_view(tensor):
+    """The same values as a non-contiguous view (every other element of a wider buffer)."""
+    wide = tensor.new_zeros(*tensor.shape, 2)
+    wide[..., 0] = tensor
+    return wide[..., 0]
+
+
+def poison_cuda_cache():
+    """Fills freed CUDA memory with NaN so that an output element a kernel forgets to write shows up."""
+    if HAS_CUDA:
+        torch.empty(64 << 20, device="cuda").fill_(float("nan"))
+        torch.cuda.synchronize()
+
+
+def relative_error(out, ref):
+    out = out.detach().to(device="cpu", dtype=torch.float64)
+    ref = ref.detach().to(torch.float64)
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    scale = ref.norm().item()
+    error = (out - ref).norm().item()
+    return error / scale if scale > 0 else error
+
+
+def as_tuple(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
+def prepare_inputs(case, generator, dtype, device):
+    """(kwargs for the backend, kwargs for the fp64 reference): the same values, the backend's rounded
+    to `dtype` first so that only the op's own error is measured."""
+    test_kwargs, ref_kwargs = {}, {}
+    for name, value in case.build(generator).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            rounded = value.to(dtype)
+            ref_kwargs[name] = rounded.to(torch.float64).requires_grad_()
+            test_value = rounded.to(device)
+            if name in case.noncontiguous:
+                test_value = strided_view(test_value)
+            test_kwargs[name] = test_value.requires_grad_()
+        else:
+            test_kwargs[name] = value.to(device) if isinstance(value, torch.Tensor) else value
+            ref_kwargs[name] = value
+    return test_kwargs, ref_kwargs
+
+
+def check_against_reference(op, case, backend, device, dtype):
+    """Forward outputs and the gradients of every float input against the fp64 reference."""
+    generator = seeded_generator(case.name, backend, device, dtype)
+    test_kwargs, ref_kwargs = prepare_inputs(case, generator, dtype, device)
+    poison_cuda_cache()
+    outputs = as_tuple(op.fn(**test_kwargs, backend=backend))
+    references = as_tuple(op.ref(**ref_kwargs))
+    tolerance = op.tolerance(dtype)
+    for index, (out, ref) in enumerate(zip(outputs, references, strict=True)):
+        assert out.dtype == dtype and out.device.type == device, f"output {index}: {out.dtype} on {out.device}"
+        error = relative_error(out, ref)
+        assert error <= tolerance, f"output {index}: relative error {error:.3g} > {tolerance:g}"
+
+    grad_names = [name for name, value in test_kwargs.items()
+                  if isinstance(value, torch.Tensor) and value.requires_grad]
+    upstream = [randn(generator, *ref.shape).to(out.dtype) for out, ref in zip(outputs, references)]
+    test_grads = torch.autograd.grad([o for o in outputs], [test_kwargs[n] for n in grad_names],
+                                     [g.to(device) for g in upstream], allow_unused=True)
+    ref_grads = torch.autograd.grad(list(references), [ref_kwargs[n] for n in grad_names],
+                                    [g.to(torch.float64) for g in upstream], allow_unused=True)
+    for name, grad, ref_grad in zip(grad_names, test_grads, ref_grads):
+        if ref_grad is None:
+            assert grad is None or not grad.any(), f"grad of {name}: reference has none"
+            continue
+        assert grad is not None, f"grad of {name} is missing"
+        assert grad.dtype == dtype, f"grad of {name} has dtype {grad.dtype}"
+        error = relative_error(grad, ref_grad)
+        assert error <= tolerance, f"grad of {name}: relative error {error:.3g} > {tolerance:g}"
+
+
+def check_empty(op, kwargs, backend, device):
+    """Empty inputs give empty outputs of the right shape, forward and backward."""
+    kwargs = {k: (v.to(device).requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v)
+              for k, v in kwargs.items()}
+    outputs = as_tuple(op.fn(**kwargs, backend=backend))
+    references = as_tuple(op.ref(**{k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                                    for k, v in kwargs.items()}))
+    for out, ref in zip(outputs, references, strict=True):
+        assert out.shape == ref.shape and out.numel() == 0
+    sources = [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    grads = torch.autograd.grad([o.sum() for o in outputs], sources, allow_unused=True)
+    for source, grad in zip(sources, grads):
+        assert grad is None or grad.shape == source.shape
+
+
+def check_deterministic_backward(op, case, backend, device, dtype):
+    """The same inputs give bitwise-identical gradients on repeated runs."""
+    results = []
+    for _ in range(2):
+        test_kwargs, _ = prepare_inputs(case, seeded_generator(case.name, "determinism"), dtype, device)
+        outputs = as_tuple(op.fn(**test_kwargs, backend=backend))
+        sources = [v for v in test_kwargs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+        results.append(torch.autograd.grad([o.sum() * 1.5 for o in outputs], sources, allow_unused=True))
+    for first, second in zip(*results):
+        assert (first is None) == (second is None)
+        if first is not None:
+            assert torch.equal(first, second), "backward is not bitwise reproducible"

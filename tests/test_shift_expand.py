@@ -1,0 +1,197 @@
+import pytest
+import torch
+
+import python_ref
+import stepfusion_kernels as sk
+from harness import (HAS_CUDA, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_deterministic_backward, check_empty, randn,
+                     seeded_generator)
+
+OP = OpUnderTest(fn=sk.shift_expand, ref=python_ref.shift_expand)
+ALL_OPTIONAL = ("scale_local", "shift_local", "scale_global", "shift_global", "gate", "weight", "bias")
+
+
+def make_case(batch, length, dim, present=ALL_OPTIONAL, noncontiguous=(), eps=1e-5):
+    def build(generator):
+        shapes = {"scale_local": (batch, length, dim), "shift_local": (batch, length, dim),
+                  "scale_global": (batch, dim), "shift_global": (batch, dim),
+                  "gate": (dim,), "weight": (dim,), "bias": (dim,)}
+        kwargs = {"x": randn(generator, batch, length, dim) * 2 + 0.5}
+        for name in ALL_OPTIONAL:
+            kwargs[name] = randn(generator, *shapes[name]) if name in present else None
+        kwargs["eps"] = eps
+        return kwargs
+
+    name = f"B{batch}-L{length}-D{dim}-" + ("+".join(present) if present != ALL_OPTIONAL else "all")
+    if noncontiguous:
+        name += "-strided"
+    return Case(name, build, tuple(noncontiguous))
+
+
+CASES = [
+    make_case(2, 17, 33),
+    make_case(1, 1, 1),
+    make_case(3, 5, 1),  # D = 1: the LayerNorm output is the bias alone
+    make_case(2, 9, 257),
+    make_case(1, 33, 64, present=()),
+    make_case(2, 17, 33, present=("scale_local", "shift_local")),
+    make_case(2, 17, 33, present=("scale_global", "shift_global")),
+    make_case(2, 17, 33, present=("scale_local", "shift_global", "weight")),
+    make_case(3, 6, 16, present=("gate", "weight", "bias"), eps=1e-3),
+    make_case(2, 17, 33, noncontiguous=("x", "scale_local", "shift_local", "scale_global", "gate", "weight")),
+    make_case(1, 65, 130),  # more rows than one backward tile of the CPU and Triton kernels
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+def test_matches_reference(case, backend, device, dtype):
+    check_against_reference(OP, case, backend, device, dtype)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 8), (2, 0, 8), (2, 3, 0)], ids=str)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_empty_inputs_give_empty_outputs(shape, backend, device):
+    batch, length, dim = shape
+    kwargs = {"x": torch.randn(shape), "scale_local": torch.randn(shape), "scale_global": torch.randn(batch, dim),
+              "gate": torch.randn(dim), "weight": torch.randn(dim)}
+    check_empty(OP, kwargs, backend, device)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+def test_backward_is_bitwise_reproducible(backend, device):
+    check_deterministic_backward(OP, make_case(3, 70, 40), backend, device, torch.float32)
+
+
+def _op_samples(dtype, device="cpu"):
+    generator = seeded_generator("opcheck")
+
+    def t(*shape):
+        return randn(generator, *shape).to(device=device, dtype=dtype).requires_grad_()
+
+    full = (t(2, 5, 7), t(2, 5, 7), t(2, 5, 7), t(2, 7), t(2, 7), t(7), t(7), t(7), 1e-5)
+    bare = (t(3, 4, 9), None, None, None, None, None, None, None, 1e-5)
+    mixed = (t(1, 6, 3), t(1, 6, 3), None, None, t(1, 3), t(3), None, t(3), 1e-2)
+    return [full, bare, mixed]
+
+
+def _kernel_ops():
+    usable = sk.backends()
+    ops = []
+    if "cpu" in usable:
+        ops.append(pytest.param(torch.ops.stepfusion.shift_expand.default, "cpu", torch.float64, id="cpp-cpu"))
+        ops.append(pytest.param(torch.ops.stepfusion.shift_expand.default, "cuda", torch.float32, id="cpp-cuda",
+                                marks=NEEDS_GPU))
+    if "triton" in usable or not HAS_CUDA:
+        device = "cuda" if HAS_CUDA else "cpu"
+        ops.append(pytest.param(torch.ops.stepfusion.shift_expand_triton.default, device, torch.float32,
+                                id=f"triton-{device}"))
+    return ops
+
+
+@pytest.mark.parametrize(("op", "device", "dtype"), _kernel_ops())
+def test_opcheck(op, device, dtype):
+    for args in _op_samples(dtype, device):
+        torch.library.opcheck(op, args)
+
+
+def test_gradcheck_cpu_float64():
+    generator = seeded_generator("gradcheck")
+    args = [randn(generator, *shape).requires_grad_()
+            for shape in ((2, 3, 5), (2, 3, 5), (2, 3, 5), (2, 5), (2, 5), (5,), (5,), (5,))]
+    assert torch.autograd.gradcheck(lambda *a: sk.shift_expand(*a, backend="cpu"), args)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in sk.backends()])
+def test_torch_compile_fullgraph(backend):
+    generator = seeded_generator("compile", backend)
+    args = [randn(generator, *shape).float().requires_grad_() for shape in ((2, 5, 8), (2, 5, 8), (2, 8), (8,))]
+
+    def step(x, scale_local, shift_global, weight):
+        return sk.shift_expand(x, scale_local=scale_local, shift_global=shift_global, weight=weight, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    expected = step(*args)
+    result = compiled(*args)
+    torch.testing.assert_close(result, expected)
+    grads = torch.autograd.grad(result.square().sum(), args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), args)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_module_matches_functional_and_trains():
+    module = sk.nn.StepShiftExpand(12, gate_init=0.1)
+    generator = seeded_generator("module")
+    x, scale_local, shift_global = randn(generator, 2, 5, 12).float(), randn(generator, 2, 5, 12).float(), None
+    y = module(x, scale_local=scale_local, shift_global=shift_global)
+    expected = python_ref.shift_expand(x, scale_local=scale_local, gate=module.gate, weight=module.weight,
+                                       bias=module.bias)
+    torch.testing.assert_close(y, expected)
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (module.gate, module.weight))
+    assert "12" in repr(module)
+
+
+# Bad inputs: every message must name the argument at fault.
+def _good(batch=2, length=3, dim=4, dtype=torch.float32):
+    return {"x": torch.randn(batch, length, dim, dtype=dtype), "scale_local": torch.randn(batch, length, dim, dtype=dtype),
+            "shift_global": torch.randn(batch, dim, dtype=dtype), "gate": torch.randn(dim, dtype=dtype)}
+
+
+BAD_INPUTS = [
+    ("x rank", {"x": torch.randn(3, 4)}, ValueError, "x"),
+    ("scale_local batch", {"scale_local": torch.randn(1, 3, 4)}, ValueError, "scale_local"),
+    ("scale_local length", {"scale_local": torch.randn(2, 5, 4)}, ValueError, "scale_local"),
+    ("shift_global dim", {"shift_global": torch.randn(2, 5)}, ValueError, "shift_global"),
+    ("shift_global rank", {"shift_global": torch.randn(2, 1, 4)}, ValueError, "shift_global"),
+    ("gate shape", {"gate": torch.randn(5)}, ValueError, "gate"),
+    ("weight shape", {"weight": torch.randn(4, 1)}, ValueError, "weight"),
+    ("dtype mix", {"scale_local": torch.randn(2, 3, 4, dtype=torch.float64)}, ValueError, "scale_local"),
+    ("integer x", {"x": torch.ones(2, 3, 4, dtype=torch.int64)}, ValueError, "x"),
+    ("device mix", {"gate": torch.randn(4, device="meta")}, RuntimeError, "gate"),
+    ("negative eps", {"eps": -1.0}, ValueError, "eps"),
+    ("not a tensor", {"bias": [0.0] * 4}, ValueError, "bias"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "name"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_names_the_argument(change, error, name):
+    kwargs = {**_good(), **change}
+    with pytest.raises(error, match=name):
+        sk.shift_expand(**kwargs, backend="auto")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        sk.shift_expand(**_good(), backend="fortran")
+
+
+def test_backend_dtype_support_is_checked():
+    with pytest.raises(ValueError, match="float16"):
+        sk.shift_expand(**_good(dtype=torch.float16), backend="cpu")
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    with pytest.raises(RuntimeError, match="cuda"):
+        sk.shift_expand(**_good(), backend="cuda")
+
+
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+def test_cpp_op_checks_shapes_itself():
+    with pytest.raises(RuntimeError, match="gate"):
+        torch.ops.stepfusion.shift_expand(torch.randn(2, 3, 4), None, None, None, None, torch.randn(5), None, None,
+                                          1e-5)
+
+
+@NEEDS_GPU
+def test_large_rows_use_64_bit_offsets():
+    # More than 2^31 elements would need 8+ GiB per tensor; a row offset past 2^31 is reached with
+    # B * L * D > 2^31 at the last rows, so check the last row of such a tensor (bf16, 4 GiB).
+    batch, length, dim = 1, (1 << 21) + 1, 1024
+    x = torch.randn(batch, length, dim, device="cuda", dtype=torch.bfloat16)
+    for backend in ("cuda", "triton"):
+        y = sk.shift_expand(x, backend=backend)
+        expected = python_ref.shift_expand(x[:, -2:].double())
+        torch.testing.assert_close(y[:, -2:].double(), expected, rtol=2e-2, atol=2e-2)
+        del y
