@@ -101,25 +101,16 @@ inline KeyRange guidance_key_range(int64_t q_begin, int64_t q_end, int64_t len_q
 }
 
 // The queries [first, last] that see at least one key of [k_begin, k_end): the inverse of the band.
-// Query i sees key j iff c_i - w <= j <= c_i + w; c_i is monotone, so the set is an interval found by
-// binary search over c_i (exact, no rounding of the closed form).
+// c_i is non-decreasing, so the set is an interval. With floor(x / n) >= a <=> x >= a n:
+//   c_i + w >= k_begin   <=> (2 i + 1) Lk >= 2 Lq (k_begin - w)
+//   c_i - w <= k_end - 1 <=> (2 i + 1) Lk <= 2 Lq (k_end + w) - 1
 inline KeyRange guidance_query_range(int64_t k_begin, int64_t k_end, int64_t len_q, int64_t len_k, int64_t window) {
   if (window < 0) return {0, len_q - 1};
-  // first i with c_i + w >= k_begin
-  int64_t lo = 0, hi = len_q;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (guidance_center(mid, len_q, len_k) + window >= k_begin) hi = mid; else lo = mid + 1;
-  }
-  const int64_t first = lo;
-  // first i with c_i - w > k_end - 1
-  lo = first;
-  hi = len_q;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (guidance_center(mid, len_q, len_k) - window > k_end - 1) hi = mid; else lo = mid + 1;
-  }
-  return {first, lo - 1};
+  const int64_t lower = 2 * len_q * (k_begin - window);
+  const int64_t first = lower <= 0 ? 0 : ((lower + len_k - 1) / len_k) / 2;
+  const int64_t upper = (2 * len_q * (k_end + window) - 1) / len_k;
+  const int64_t last = upper >= 1 ? (upper - 1) / 2 : -1;  // C division truncates: keep it non-negative
+  return {first, std::min<int64_t>(last, len_q - 1)};
 }
 
 // A contiguous copy of an optional argument (or an undefined tensor when it is absent).

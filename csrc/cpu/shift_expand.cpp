@@ -154,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_expand_cpu(
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({shape.batch, shape.length}, x.options().dtype(acc_type));
   at::Tensor rstd = at::empty({shape.batch, shape.length}, x.options().dtype(acc_type));
-  if (shape.rows() == 0 || shape.dim == 0) return {y, mean, rstd};
+  // D == 0: no channels to normalise; the statistics are defined as zeros rather than left unwritten.
+  if (shape.rows() == 0 || shape.dim == 0) return {y, mean.zero_(), rstd.zero_()};
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "shift_expand_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
