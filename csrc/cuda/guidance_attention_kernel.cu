@@ -225,7 +225,9 @@ __device__ __forceinline__ void store_tile(T* dst, const float* tile, int64_t va
 // C (M x N, float, stride ldc) = [C +] A B with A (M x K) and B (K x N) tiles of T in shared memory.
 // A_T: A is stored K x M (A(m, k) = A[k * lda + m]); B_T: B is stored N x K (B(k, n) = B[n * ldb + k]).
 // Tensor cores: the 16x16 output tiles are dealt round robin to the warps. float32: every thread
-// computes whole output elements with FMAs in ascending k.
+// owns a kRows x kCols grid of outputs (rows kThreadRows apart, columns kThreadCols apart, so that a
+// warp reads consecutive columns) and accumulates them with FMAs in ascending k, loading
+// kRows + kCols operands per kRows * kCols FMAs.
 template <typename T, int M, int N, int K, bool A_T, bool B_T>
 __device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int lda, const T* B, int ldb,
                                            bool accumulate) {
@@ -257,17 +259,48 @@ __device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int ld
       wmma::store_matrix_sync(C + m0 * ldc + n0, acc, ldc, wmma::mem_row_major);
     }
   } else {
-    for (int e = threadIdx.x; e < M * N; e += kThreads) {
-      const int m = e / N;
-      const int n = e % N;
-      float acc = accumulate ? C[m * ldc + n] : 0.f;
-#pragma unroll 8
-      for (int k = 0; k < K; ++k) {
-        const float a = to_float(A_T ? A[k * lda + m] : A[m * lda + k]);
-        const float b = to_float(B_T ? B[n * ldb + k] : B[k * ldb + n]);
-        acc = fmaf(a, b, acc);
+    constexpr int kOutputs = M * N / kThreads;
+    constexpr int kCols = kOutputs < 4 ? kOutputs : 4;
+    constexpr int kRows = kOutputs / kCols;
+    constexpr int kThreadCols = N / kCols;
+    constexpr int kThreadRows = kThreads / kThreadCols;
+    static_assert(M * N % kThreads == 0 && N % kCols == 0 && kThreads % kThreadCols == 0 &&
+                      kThreadRows * kRows == M,
+                  "the output tile must split evenly over the threads");
+    const int row0 = threadIdx.x / kThreadCols;
+    const int col0 = threadIdx.x % kThreadCols;
+    float acc[kRows][kCols];
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        acc[i][j] = accumulate ? C[(row0 + i * kThreadRows) * ldc + col0 + j * kThreadCols] : 0.f;
       }
-      C[m * ldc + n] = acc;
+    }
+#pragma unroll 4
+    for (int k = 0; k < K; ++k) {
+      float a[kRows];
+      float b[kCols];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int m = row0 + i * kThreadRows;
+        a[i] = to_float(A_T ? A[k * lda + m] : A[m * lda + k]);
+      }
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        const int n = col0 + j * kThreadCols;
+        b[j] = to_float(B_T ? B[n * ldb + k] : B[k * ldb + n]);
+      }
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) C[(row0 + i * kThreadRows) * ldc + col0 + j * kThreadCols] = acc[i][j];
     }
   }
 }
