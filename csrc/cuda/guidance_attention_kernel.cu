@@ -38,6 +38,13 @@ constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kMma = 16;  // wmma tile edge
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+// bfloat16 wmma needs sm_80; an older architecture listed in TORCH_CUDA_ARCH_LIST gets the FMA
+// products for every dtype (correct, without tensor cores) instead of a build error.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kArchHasTensorCores = false;
+#else
+constexpr bool kArchHasTensorCores = true;
+#endif
 // Largest dynamic shared memory a tile configuration may take: fits sm_80's 163 KB opt-in limit.
 constexpr size_t kSharedBudget = 160 * 1024;
 // Dynamic shared memory a block gets without opting in.
@@ -231,7 +238,7 @@ __device__ __forceinline__ void store_tile(T* dst, const float* tile, int64_t va
 template <typename T, int M, int N, int K, bool A_T, bool B_T>
 __device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int lda, const T* B, int ldb,
                                            bool accumulate) {
-  if constexpr (Pads<T>::kTensorCores) {
+  if constexpr (Pads<T>::kTensorCores && kArchHasTensorCores) {
     namespace wmma = nvcuda::wmma;
     using ALayout = std::conditional_t<A_T, wmma::col_major, wmma::row_major>;
     using BLayout = std::conditional_t<B_T, wmma::col_major, wmma::row_major>;
