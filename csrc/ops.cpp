@@ -24,4 +24,16 @@ TORCH_LIBRARY(stepfusion, m) {
       "shift_expand_backward(Tensor grad_y, Tensor x, Tensor? scale_local, Tensor? shift_local, "
       "Tensor? scale_global, Tensor? shift_global, Tensor? gate, Tensor? weight, Tensor? bias, "
       "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // skew_pair_project: pa[k] = ha[i_k] @ weight_a(k).T + bias_a(k), pb[k] likewise from hb[j_k];
+  // weight_b = None shares weight_a and bias_a. Outputs (P, N, F) in ha's dtype.
+  m.def(
+      "skew_pair_project(Tensor ha, Tensor hb, Tensor pairs, Tensor weight_a, Tensor? bias_a, Tensor? weight_b, "
+      "Tensor? bias_b) -> (Tensor pa, Tensor pb)");
+  // When weight_b is None, grad_weight_a/grad_bias_a include the B-side contributions and
+  // grad_weight_b/grad_bias_b are empty tensors (shape (0,)); an absent bias gives an empty grad.
+  m.def(
+      "skew_pair_project_backward(Tensor grad_pa, Tensor grad_pb, Tensor ha, Tensor hb, Tensor pairs, "
+      "Tensor weight_a, Tensor? bias_a, Tensor? weight_b, Tensor? bias_b) -> (Tensor grad_ha, Tensor grad_hb, "
+      "Tensor grad_weight_a, Tensor grad_bias_a, Tensor grad_weight_b, Tensor grad_bias_b)");
 }
