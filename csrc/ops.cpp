@@ -27,7 +27,24 @@ TORCH_LIBRARY(stepfusion, m) {
 
   // guidance_attention returns out and the row logsumexp of the scaled scores (natural log; float32,
   // float64 for float64 inputs) kept for the backward.
-  m.def("guidance_attention(Tensor q, Tensor k, Tensor v, Tensor? k_global, Tensor? v_global, int window, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "guidance_attention(Tensor q, Tensor k, Tensor v, Tensor? k_global, Tensor? v_global, int window, "
+      "float scale) -> (Tensor out, Tensor lse)");
   // Gradients of q, k, v, k_global, v_global; those of absent globals are empty tensors.
-  m.def("guidance_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? k_global, Tensor? v_global, Tensor out, Tensor lse, int window, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_k_global, Tensor grad_v_global)");
+  m.def(
+      "guidance_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? k_global, "
+      "Tensor? v_global, Tensor out, Tensor lse, int window, float scale) -> (Tensor grad_q, Tensor grad_k, "
+      "Tensor grad_v, Tensor grad_k_global, Tensor grad_v_global)");
+
+  // skew_pair_project: pa[k] = ha[i_k] @ weight_a(k).T + bias_a(k), pb[k] likewise from hb[j_k];
+  // weight_b = None shares weight_a and bias_a. Outputs (P, N, F) in ha's dtype.
+  m.def(
+      "skew_pair_project(Tensor ha, Tensor hb, Tensor pairs, Tensor weight_a, Tensor? bias_a, Tensor? weight_b, "
+      "Tensor? bias_b) -> (Tensor pa, Tensor pb)");
+  // When weight_b is None, grad_weight_a/grad_bias_a include the B-side contributions and
+  // grad_weight_b/grad_bias_b are empty tensors (shape (0,)); an absent bias gives an empty grad.
+  m.def(
+      "skew_pair_project_backward(Tensor grad_pa, Tensor grad_pb, Tensor ha, Tensor hb, Tensor pairs, "
+      "Tensor weight_a, Tensor? bias_a, Tensor? weight_b, Tensor? bias_b) -> (Tensor grad_ha, Tensor grad_hb, "
+      "Tensor grad_weight_a, Tensor grad_bias_a, Tensor grad_weight_b, Tensor grad_bias_b)");
 }

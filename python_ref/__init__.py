@@ -3,5 +3,6 @@ baseline of the benchmarks. No speed tricks."""
 
 from .guidance_attention import guidance_attention
 from .shift_expand import shift_expand
+from .skew_pair_project import skew_pair_project
 
-__all__ = ["guidance_attention", "shift_expand"]
+__all__ = ["guidance_attention", "shift_expand", "skew_pair_project"]

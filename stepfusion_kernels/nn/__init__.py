@@ -2,5 +2,6 @@
 
 from .guidance_attention import GuidanceAttention
 from .shift_expand import StepShiftExpand
+from .skew_pair_project import SkewPairProjection
 
-__all__ = ["GuidanceAttention", "StepShiftExpand"]
+__all__ = ["GuidanceAttention", "SkewPairProjection", "StepShiftExpand"]

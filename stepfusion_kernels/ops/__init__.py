@@ -2,5 +2,6 @@
 
 from .guidance_attention import guidance_attention
 from .shift_expand import shift_expand
+from .skew_pair_project import skew_pair_project, skew_pairs
 
-__all__ = ["guidance_attention", "shift_expand"]
+__all__ = ["guidance_attention", "shift_expand", "skew_pair_project", "skew_pairs"]
