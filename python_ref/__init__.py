@@ -2,5 +2,6 @@
 baseline of the benchmarks. No speed tricks."""
 
 from .shift_expand import shift_expand
+from .skew_pair_project import skew_pair_project
 
-__all__ = ["shift_expand"]
+__all__ = ["shift_expand", "skew_pair_project"]

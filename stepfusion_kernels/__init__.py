@@ -2,12 +2,15 @@
 
 Ops (each with `backend="auto" | "reference" | "cpu" | "cuda" | "triton"`):
     shift_expand   one fused shift-and-expand step of Step fusion (SPEC section 1)
+    skew_pair_project  sparse skew-pair projection of SSFN, one grouped GEMM (SPEC section 3);
+                   its pair sets come from skew_pairs(skew, num_pairs, layers_a, layers_b)
 Modules: `stepfusion_kernels.nn`. Usable backends here: `stepfusion_kernels.backends()`.
 """
 
 from . import nn, ops
 from ._backend import BACKENDS, backends
 from .ops import shift_expand
+from .ops import skew_pair_project, skew_pairs
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "backends", "nn", "ops", "shift_expand"]
+__all__ = ["BACKENDS", "backends", "nn", "ops", "shift_expand", "skew_pair_project", "skew_pairs"]

@@ -1,5 +1,6 @@
 """Drop-in nn.Modules around the ops."""
 
 from .shift_expand import StepShiftExpand
+from .skew_pair_project import SkewPairProjection
 
-__all__ = ["StepShiftExpand"]
+__all__ = ["SkewPairProjection", "StepShiftExpand"]
