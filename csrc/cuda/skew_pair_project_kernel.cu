@@ -19,6 +19,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
 #include <climits>
@@ -32,6 +33,8 @@ namespace {
 
 constexpr int kWarpSize = 32;
 constexpr int kBytesPerChunk = 16;
+// Dynamic shared memory a block gets without opting in.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -95,48 +98,93 @@ struct TileLoader {
 
   Chunk<T> chunks[kPerThread];
 
-  // Reads the tile whose first element is (first, depth0) of `matrix`, of extent x depth elements.
+  // Chunk i of this thread: its global line and position and its offset in the shared tile.
+  struct Place {
+    int64_t line;
+    int64_t pos;
+    int offset;
+  };
+
+  static __device__ __forceinline__ Place place(int i, int64_t first, int64_t depth0) {
+    const int chunk = threadIdx.x + i * THREADS;
+    const int line = chunk / kChunksPerLine;
+    const int pos = (chunk % kChunksPerLine) * kVec;
+    return {(DEPTH_CONTIGUOUS ? first : depth0) + line, (DEPTH_CONTIGUOUS ? depth0 : first) + pos,
+            line * kStride + pos};
+  }
+
+  // The 16-byte source of a chunk that lies wholly inside the matrix at an aligned address, else nullptr.
+  static __device__ __forceinline__ const T* whole_chunk(const T* matrix, int64_t ld, const Place& where,
+                                                         int64_t lines, int64_t length) {
+    if (where.line >= lines || where.pos + kVec > length) return nullptr;
+    const T* src = matrix + where.line * ld + where.pos;
+    return reinterpret_cast<uintptr_t>(src) % kBytesPerChunk == 0 ? src : nullptr;
+  }
+
+  // A chunk read element by element, zero outside the matrix.
+  static __device__ __forceinline__ Chunk<T> masked_chunk(const T* matrix, int64_t ld, const Place& where,
+                                                          int64_t lines, int64_t length) {
+    Chunk<T> out;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      out.v[j] = (where.line < lines && where.pos + j < length) ? matrix[where.line * ld + where.pos + j] : from_float<T>(0.f);
+    }
+    return out;
+  }
+
+  static __device__ __forceinline__ void put(T* tile, int offset, const Chunk<T>& chunk) {
+    if constexpr (kStride % kVec == 0) {
+      *reinterpret_cast<Chunk<T>*>(tile + offset) = chunk;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) tile[offset + j] = chunk.v[j];
+    }
+  }
+
+  // The extent of the matrix along the tile's lines and along its contiguous positions.
+  static __device__ __forceinline__ int64_t line_bound(int64_t extent, int64_t depth) {
+    return DEPTH_CONTIGUOUS ? extent : depth;
+  }
+  static __device__ __forceinline__ int64_t pos_bound(int64_t extent, int64_t depth) {
+    return DEPTH_CONTIGUOUS ? depth : extent;
+  }
+
+  // Reads the tile whose first element is (first, depth0) of `matrix` (extent x depth elements)
+  // into this thread's registers; store() then puts it in shared memory.
   __device__ __forceinline__ void load(const T* matrix, int64_t ld, int64_t first, int64_t extent, int64_t depth0,
                                        int64_t depth) {
-    const int64_t line0 = DEPTH_CONTIGUOUS ? first : depth0;
-    const int64_t lines = DEPTH_CONTIGUOUS ? extent : depth;
-    const int64_t pos0 = DEPTH_CONTIGUOUS ? depth0 : first;
-    const int64_t length = DEPTH_CONTIGUOUS ? depth : extent;
+    const int64_t lines = line_bound(extent, depth);
+    const int64_t length = pos_bound(extent, depth);
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
-      const int chunk = threadIdx.x + i * THREADS;
-      const int64_t line = line0 + chunk / kChunksPerLine;
-      const int64_t pos = pos0 + (chunk % kChunksPerLine) * kVec;
-      Chunk<T>& out = chunks[i];
-      bool done = false;
-      if (line < lines && pos + kVec <= length) {
-        const T* src = matrix + line * ld + pos;
-        if (reinterpret_cast<uintptr_t>(src) % kBytesPerChunk == 0) {
-          out = *reinterpret_cast<const Chunk<T>*>(src);
-          done = true;
-        }
-      }
-      if (!done) {
+      const Place where = place(i, first, depth0);
+      const T* src = whole_chunk(matrix, ld, where, lines, length);
+      chunks[i] = src != nullptr ? *reinterpret_cast<const Chunk<T>*>(src) : masked_chunk(matrix, ld, where, lines, length);
+    }
+  }
+
+  // Copies the same tile straight into shared memory: whole aligned chunks asynchronously (they
+  // land after __pipeline_wait_prior), the others by plain stores.
+  static __device__ __forceinline__ void load_async(T* tile, const T* matrix, int64_t ld, int64_t first,
+                                                    int64_t extent, int64_t depth0, int64_t depth) {
+    static_assert(kStride % kVec == 0, "asynchronous copies need 16-byte aligned tile lines");
+    const int64_t lines = line_bound(extent, depth);
+    const int64_t length = pos_bound(extent, depth);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          out.v[j] = (line < lines && pos + j < length) ? matrix[line * ld + pos + j] : from_float<T>(0.f);
-        }
+    for (int i = 0; i < kPerThread; ++i) {
+      const Place where = place(i, first, depth0);
+      const T* src = whole_chunk(matrix, ld, where, lines, length);
+      if (src != nullptr) {
+        __pipeline_memcpy_async(tile + where.offset, src, kBytesPerChunk);
+      } else {
+        put(tile, where.offset, masked_chunk(matrix, ld, where, lines, length));
       }
     }
   }
 
   __device__ __forceinline__ void store(T* tile) const {
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int chunk = threadIdx.x + i * THREADS;
-      T* dst = tile + (chunk / kChunksPerLine) * kStride + (chunk % kChunksPerLine) * kVec;
-      if constexpr (kStride % kVec == 0) {
-        *reinterpret_cast<Chunk<T>*>(dst) = chunks[i];
-      } else {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) dst[j] = chunks[i].v[j];
-      }
-    }
+    for (int i = 0; i < kPerThread; ++i) put(tile, place(i, 0, 0).offset, chunks[i]);
   }
 
   // Element (i, d) of the tile in shared memory.
@@ -167,29 +215,46 @@ __device__ __forceinline__ BlockTask block_task(const SkewGemmArgs<T>& args) {
   return task;
 }
 
-// Runs the block's steps: stage the step's tiles in shared memory, then, while the next step's
-// tiles are read into registers, multiply_step() consumes the staged ones. task.steps is the same
-// for the whole block, so every thread reaches every barrier.
+// Walks a block's (term, depth) steps in order: each call gives the next step's operand matrices
+// and the depth offset of its tiles.
+template <typename T, int BK>
+struct StepWalker {
+  struct Step {
+    const T* a;
+    const T* b;
+    int64_t depth0;
+  };
+  int64_t term = 0;
+  int64_t depth0 = 0;
+
+  __device__ __forceinline__ Step next(const SkewGemmArgs<T>& args, int64_t problem) {
+    const int64_t q = term_at(args.terms, problem, term);
+    const int side = q >= args.num_pairs ? 1 : 0;
+    const int64_t pair = q - side * args.num_pairs;
+    const Step step{operand_matrix(args.a, args.pairs, side, pair), operand_matrix(args.b, args.pairs, side, pair),
+                    depth0};
+    depth0 += BK;
+    if (depth0 >= args.depth) {
+      depth0 = 0;
+      ++term;
+    }
+    return step;
+  }
+};
+
+// Runs the block's steps with one shared-memory stage (the FMA path): stage the step's tiles, then,
+// while the next step's tiles are read into registers, multiply_step() consumes the staged ones.
+// task.steps is the same for the whole block, so every thread reaches every barrier.
 template <typename T, int BK, typename ALoader, typename BLoader, typename MultiplyStep>
 __device__ __forceinline__ void accumulate_steps(const SkewGemmArgs<T>& args, const BlockTask& task, T* a_tile,
                                                  T* b_tile, MultiplyStep&& multiply_step) {
   ALoader a_loader;
   BLoader b_loader;
-  int64_t next_term = 0;
-  int64_t next_depth0 = 0;
+  StepWalker<T, BK> walker;
   const auto load_next = [&]() {
-    const int64_t q = term_at(args.terms, task.problem, next_term);
-    const int side = q >= args.num_pairs ? 1 : 0;
-    const int64_t pair = q - side * args.num_pairs;
-    a_loader.load(operand_matrix(args.a, args.pairs, side, pair), args.a.ld, task.row0, args.rows, next_depth0,
-                  args.depth);
-    b_loader.load(operand_matrix(args.b, args.pairs, side, pair), args.b.ld, task.col0, args.cols, next_depth0,
-                  args.depth);
-    next_depth0 += BK;
-    if (next_depth0 >= args.depth) {
-      next_depth0 = 0;
-      ++next_term;
-    }
+    const auto step = walker.next(args, task.problem);
+    a_loader.load(step.a, args.a.ld, task.row0, args.rows, step.depth0, args.depth);
+    b_loader.load(step.b, args.b.ld, task.col0, args.cols, step.depth0, args.depth);
   };
   if (task.steps > 0) load_next();
   for (int64_t step = 0; step < task.steps; ++step) {
@@ -220,12 +285,14 @@ __device__ __forceinline__ OutputMatrix<T> output_matrix(const SkewOutput<T>& ou
 }
 
 // Tensor cores (float16, bfloat16): WARPS_M x WARPS_N warps, each owning a (BM / WARPS_M) x
-// (BN / WARPS_N) part of the block tile as 16x16 float accumulator fragments.
-template <int BM, int BN, int WARPS_M, int WARPS_N>
+// (BN / WARPS_N) part of the block tile as 16x16 float accumulator fragments, and kStages
+// shared-memory stages filled by asynchronous copies kStages - 1 steps ahead of the math.
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, bool A_DEPTH_CONTIGUOUS, bool B_DEPTH_CONTIGUOUS>
 struct WmmaConfig {
   static constexpr int kRows = BM;
   static constexpr int kCols = BN;
   static constexpr int kDepth = 32;
+  static constexpr int kStages = 3;
   static constexpr int kWarpsN = WARPS_N;
   static constexpr int kWarps = WARPS_M * WARPS_N;
   static constexpr int kThreads = kWarps * kWarpSize;
@@ -236,23 +303,31 @@ struct WmmaConfig {
   // 8 half-precision elements: 16 bytes, which keeps wmma's ldm a multiple of 8 and every fragment
   // pointer 32-byte aligned while shifting consecutive lines across the banks.
   static constexpr int kPad = 8;
+  using ALoader = TileLoader<T, A_DEPTH_CONTIGUOUS, BM, kDepth, kPad, kThreads>;
+  using BLoader = TileLoader<T, B_DEPTH_CONTIGUOUS, BN, kDepth, kPad, kThreads>;
+  // The stages; after the last step they hold each warp's 16x16 float staging square instead.
+  static constexpr size_t kSharedBytes = kStages * (ALoader::kSize + BLoader::kSize) * sizeof(T);
   static_assert(kWarpRows % 16 == 0 && kWarpCols % 16 == 0, "warp tiles must be whole fragments");
+  static_assert(ALoader::kSize * sizeof(T) % 128 == 0, "stages must keep the 128-byte alignment");
+  static_assert(BLoader::kSize * sizeof(T) % 128 == 0, "stages must keep the 128-byte alignment");
+  static_assert(kWarps * 16 * 16 * sizeof(float) <= kSharedBytes, "the staging squares must fit in the stages");
 };
 
 template <typename T, typename Config, bool A_DEPTH_CONTIGUOUS, bool B_DEPTH_CONTIGUOUS>
 __global__ void __launch_bounds__(Config::kThreads) skew_gemm_wmma_kernel(const SkewGemmArgs<T> args) {
   namespace wmma = nvcuda::wmma;
   constexpr int BK = Config::kDepth;
-  using ALoader = TileLoader<T, A_DEPTH_CONTIGUOUS, Config::kRows, BK, Config::kPad, Config::kThreads>;
-  using BLoader = TileLoader<T, B_DEPTH_CONTIGUOUS, Config::kCols, BK, Config::kPad, Config::kThreads>;
+  constexpr int kStages = Config::kStages;
+  using ALoader = typename Config::ALoader;
+  using BLoader = typename Config::BLoader;
   // A is rows x depth: row_major when depth is contiguous. B is depth x cols: col_major when depth is.
   using ALayout = std::conditional_t<A_DEPTH_CONTIGUOUS, wmma::row_major, wmma::col_major>;
   using BLayout = std::conditional_t<B_DEPTH_CONTIGUOUS, wmma::col_major, wmma::row_major>;
   using AccumulatorFragment = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-  __shared__ __align__(128) T a_tile[ALoader::kSize];
-  __shared__ __align__(128) T b_tile[BLoader::kSize];
-  __shared__ __align__(128) float staging[Config::kWarps][16 * 16];
+  extern __shared__ __align__(128) unsigned char shared_storage[];
+  T* const a_stages = reinterpret_cast<T*>(shared_storage);
+  T* const b_stages = a_stages + kStages * ALoader::kSize;
 
   const BlockTask task = block_task<T, Config::kRows, Config::kCols, BK>(args);
   const int warp = threadIdx.x / kWarpSize;
@@ -269,8 +344,31 @@ __global__ void __launch_bounds__(Config::kThreads) skew_gemm_wmma_kernel(const 
     for (int j = 0; j < Config::kFragCols; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   }
 
-  accumulate_steps<T, BK, ALoader, BLoader>(args, task, a_tile, b_tile, [&]() {
-    if (!warp_active) return;
+  StepWalker<T, BK> walker;
+  const auto issue_next = [&](int stage) {
+    const auto step = walker.next(args, task.problem);
+    ALoader::load_async(a_stages + stage * ALoader::kSize, step.a, args.a.ld, task.row0, args.rows, step.depth0,
+                        args.depth);
+    BLoader::load_async(b_stages + stage * BLoader::kSize, step.b, args.b.ld, task.col0, args.cols, step.depth0,
+                        args.depth);
+  };
+  // One commit group per step (empty past the last step), so that waiting for all but the newest
+  // kStages - 2 groups always means: step `step` has landed.
+#pragma unroll
+  for (int stage = 0; stage < kStages - 1; ++stage) {
+    if (stage < task.steps) issue_next(stage);
+    __pipeline_commit();
+  }
+  for (int64_t step = 0; step < task.steps; ++step) {
+    __pipeline_wait_prior(kStages - 2);
+    // Makes step `step` visible to every thread, and guarantees that every thread is done with
+    // step - 1, whose stage the copies issued next overwrite.
+    __syncthreads();
+    if (step + kStages - 1 < task.steps) issue_next(static_cast<int>((step + kStages - 1) % kStages));
+    __pipeline_commit();
+    if (!warp_active) continue;
+    const T* a_tile = a_stages + (step % kStages) * ALoader::kSize;
+    const T* b_tile = b_stages + (step % kStages) * BLoader::kSize;
 #pragma unroll
     for (int d = 0; d < BK; d += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> a_frag[Config::kFragRows];
@@ -297,13 +395,15 @@ __global__ void __launch_bounds__(Config::kThreads) skew_gemm_wmma_kernel(const 
         for (int j = 0; j < Config::kFragCols; ++j) wmma::mma_sync(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
       }
     }
-  });
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // every warp is done with the stages before they become staging squares
 
   if (!warp_active) return;
   // Fragment element order is opaque: each fragment goes through the warp's staging square, from
   // which the lanes add the bias, round once to T and write the elements inside the output.
   const OutputMatrix<T> out = output_matrix(args.out, task.problem);
-  float* stage = staging[warp];
+  float* stage = reinterpret_cast<float*>(shared_storage) + warp * 16 * 16;
 #pragma unroll
   for (int i = 0; i < Config::kFragRows; ++i) {
 #pragma unroll
@@ -415,8 +515,13 @@ cudaError_t launch_config(const SkewGemmArgs<T>& args, cudaStream_t stream) {
     skew_gemm_fma_kernel<Config, A_DEPTH_CONTIGUOUS, B_DEPTH_CONTIGUOUS>
         <<<static_cast<unsigned>(blocks), Config::kThreads, 0, stream>>>(args);
   } else {
-    skew_gemm_wmma_kernel<T, Config, A_DEPTH_CONTIGUOUS, B_DEPTH_CONTIGUOUS>
-        <<<static_cast<unsigned>(blocks), Config::kThreads, 0, stream>>>(args);
+    const auto kernel = skew_gemm_wmma_kernel<T, Config, A_DEPTH_CONTIGUOUS, B_DEPTH_CONTIGUOUS>;
+    if (Config::kSharedBytes > kDefaultSharedBytes) {
+      const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      static_cast<int>(Config::kSharedBytes));
+      if (status != cudaSuccess) return status;
+    }
+    kernel<<<static_cast<unsigned>(blocks), Config::kThreads, Config::kSharedBytes, stream>>>(args);
   }
   return cudaGetLastError();
 }
@@ -425,8 +530,11 @@ cudaError_t launch_config(const SkewGemmArgs<T>& args, cudaStream_t stream) {
 // four times as many blocks.
 template <typename T, bool A_DEPTH_CONTIGUOUS, bool B_DEPTH_CONTIGUOUS>
 cudaError_t launch_layout(const SkewGemmArgs<T>& args, const SkewPairDevice& device, cudaStream_t stream) {
-  using Large = std::conditional_t<std::is_same_v<T, float>, FmaConfig<8, 8>, WmmaConfig<128, 128, 2, 4>>;
-  using Small = std::conditional_t<std::is_same_v<T, float>, FmaConfig<4, 4>, WmmaConfig<64, 64, 2, 2>>;
+  constexpr bool kFma = std::is_same_v<T, float>;
+  using Large = std::conditional_t<kFma, FmaConfig<8, 8>,
+                                   WmmaConfig<T, 128, 128, 2, 4, A_DEPTH_CONTIGUOUS, B_DEPTH_CONTIGUOUS>>;
+  using Small = std::conditional_t<kFma, FmaConfig<4, 4>,
+                                   WmmaConfig<T, 64, 64, 2, 2, A_DEPTH_CONTIGUOUS, B_DEPTH_CONTIGUOUS>>;
   if (tile_count(args, Large::kRows, Large::kCols) >= device.sm_count) {
     return launch_config<T, Large, A_DEPTH_CONTIGUOUS, B_DEPTH_CONTIGUOUS>(args, stream);
   }
