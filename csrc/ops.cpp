@@ -47,4 +47,13 @@ TORCH_LIBRARY(stepfusion, m) {
       "skew_pair_project_backward(Tensor grad_pa, Tensor grad_pb, Tensor ha, Tensor hb, Tensor pairs, "
       "Tensor weight_a, Tensor? bias_a, Tensor? weight_b, Tensor? bias_b) -> (Tensor grad_ha, Tensor grad_hb, "
       "Tensor grad_weight_a, Tensor grad_bias_a, Tensor grad_weight_b, Tensor grad_bias_b)");
+
+  // cohort_mutual_loss returns the (S,) penalty and, for the backward, the teacher mixture (N, C)
+  // (sum_j w_j softmax(outputs[j]) / W for kind="kl", sum_j w_j outputs[j] / W for "mse") and the
+  // per-student log-sum-exp (S, N) (kind="kl"; an empty tensor for "mse"), both fp32 (fp64 for fp64).
+  m.def("cohort_mutual_loss(Tensor outputs, Tensor teacher_weights, str kind) "
+        "-> (Tensor penalty, Tensor mixture, Tensor lse)");
+  // The gradient of outputs only: the teachers are detached and teacher_weights gets none.
+  m.def("cohort_mutual_loss_backward(Tensor grad_penalty, Tensor outputs, Tensor mixture, Tensor lse, str kind) "
+        "-> Tensor");
 }

@@ -7,12 +7,12 @@ import platform
 
 import torch
 
-from . import guidance_attention, shift_expand, skew_pair_project
+from . import cohort_mutual_loss, guidance_attention, shift_expand, skew_pair_project
 from ._harness import copy_bandwidth_gb_per_s, markdown_table, plot_speedups, run_cases, write_csv
 
 # One line per op: the module whose cases(device) lists its workloads.
-OPS = {"guidance_attention": guidance_attention, "shift_expand": shift_expand,
-       "skew_pair_project": skew_pair_project}
+OPS = {"cohort_mutual_loss": cohort_mutual_loss, "guidance_attention": guidance_attention,
+       "shift_expand": shift_expand, "skew_pair_project": skew_pair_project}
 
 
 def describe_device(device):
