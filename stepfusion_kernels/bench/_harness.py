@@ -102,11 +102,12 @@ def peak_memory_mib(runner, device):
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         runner()
-    # "[memory]" events are the allocator's allocations (positive) and frees (negative), in time order.
+    # The allocator's events (bytes > 0 allocated, < 0 freed) in time order; prof.events() lists only
+    # the frees as "[memory]" events, the raw kineto results hold both.
     current = peak = 0
-    memory_events = [e for e in prof.events() if e.name == "[memory]"]
-    for event in sorted(memory_events, key=lambda e: e.time_range.start):
-        current += event.cpu_memory_usage
+    memory_events = [e for e in prof.profiler.kineto_results.events() if e.nbytes() != 0]
+    for event in sorted(memory_events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
         peak = max(peak, current)
     return peak / 2**20
 
