@@ -175,12 +175,14 @@ template <typename acc_t>
 struct TileScratch {
   explicit TileScratch(int64_t dim)
       : first_t(dim * kKeyTile), second_t(dim * kKeyTile), dots(kKeyTile), more_dots(kKeyTile),
-        weights(kKeyTile) {}
+        weights(kKeyTile), row_lse(kKeyTile), row_delta(kKeyTile) {}
   std::vector<acc_t> first_t;   // dim x kKeyTile
   std::vector<acc_t> second_t;  // dim x kKeyTile
   std::vector<acc_t> dots;
   std::vector<acc_t> more_dots;
   std::vector<acc_t> weights;
+  std::vector<acc_t> row_lse;    // one row's lse and delta, repeated (the backward's vector operands)
+  std::vector<acc_t> row_delta;
 };
 
 template <typename acc_t>
@@ -259,18 +261,15 @@ std::tuple<at::Tensor, at::Tensor> guidance_attention_cpu(const at::Tensor& q, c
   return {out.to(q.scalar_type()), lse};
 }
 
-// The backward of one (query, key) pair from its two dot products, recomputed from the saved lse:
-// p = exp(scale q.k - lse), ds = p (dO.v - delta); the gradient of the dot product q.k is scale * ds.
+// The backward of `count` (query, key) pairs from their dot products q.k and dO.v, recomputed from the
+// saved lse: p = exp(scale q.k - lse), ds = p (dO.v - delta); the gradient of q.k is scale * ds. lse and
+// delta come as vectors (one per pair); ds overwrites q_dot_k, which is not needed past p.
 template <typename acc_t>
-struct PairGrad {
-  acc_t p;
-  acc_t ds;
-};
-
-template <typename acc_t>
-inline PairGrad<acc_t> pair_grad(acc_t q_dot_k, acc_t dout_dot_v, acc_t scale, acc_t row_lse, acc_t row_delta) {
-  const acc_t p = std::exp(scale * q_dot_k - row_lse);
-  return {p, p * (dout_dot_v - row_delta)};
+inline void pair_grads(acc_t* q_dot_k, const acc_t* dout_dot_v, const acc_t* lse, const acc_t* delta, acc_t scale,
+                       int64_t count, acc_t* p) {
+  using Vec = Vectorized<acc_t>;
+  at::vec::map2([scale](Vec dot, Vec l) { return (dot * Vec(scale) - l).exp(); }, p, q_dot_k, lse, count);
+  at::vec::map3([](Vec pv, Vec dp, Vec dl) { return pv * (dp - dl); }, q_dot_k, p, dout_dot_v, delta, count);
 }
 
 template <typename acc_t>
@@ -287,7 +286,7 @@ void backward_query_kernel(const Operands<acc_t>& op, const acc_t* grad_out, con
       const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
       std::fill(grad_q + (bh * shape.len_q + q_begin) * dim, grad_q + (bh * shape.len_q + q_end) * dim, acc_t(0));
       // The tile of keys whose transposes are in scratch (keys in first_t, values in second_t), for every
-      // row restricted to its span; pair(i, t, g) receives the gradient of key t of the tile.
+      // row restricted to its span; pair(i, t, p, ds) receives the pair of query i and key t of the tile.
       auto visit_tile = [&](const acc_t* keys, auto row_span, auto pair) {
         for (int64_t i = q_begin; i < q_end; ++i) {
           const auto [first, last] = row_span(i);
@@ -297,11 +296,16 @@ void backward_query_kernel(const Operands<acc_t>& op, const acc_t* grad_out, con
           row_times_tile<acc_t, kKeyTile>(grad_out + row * dim, scratch.second_t.data(), dim,
                                           scratch.more_dots.data());
           acc_t* dq_row = grad_q + row * dim;
+          const int64_t count = last - first;
+          std::fill(scratch.row_lse.begin(), scratch.row_lse.begin() + count, lse[row]);
+          std::fill(scratch.row_delta.begin(), scratch.row_delta.begin() + count, delta[row]);
+          acc_t* ds = scratch.dots.data() + first;
+          const acc_t* p = scratch.weights.data();
+          pair_grads(ds, scratch.more_dots.data() + first, scratch.row_lse.data(), scratch.row_delta.data(), op.scale,
+                     count, scratch.weights.data());
           for (int64_t t = first; t < last; ++t) {
-            const PairGrad<acc_t> g =
-                pair_grad(scratch.dots[t], scratch.more_dots[t], op.scale, lse[row], delta[row]);
-            axpy(g.ds, keys + t * dim, dq_row, dim);
-            pair(i, t, g);
+            axpy(ds[t - first], keys + t * dim, dq_row, dim);
+            pair(i, t, p[t - first], ds[t - first]);
           }
         }
       };
@@ -317,7 +321,7 @@ void backward_query_kernel(const Operands<acc_t>& op, const acc_t* grad_out, con
                 const auto [first, last] = op.row_keys(i, tile, tile_end);
                 return std::pair<int64_t, int64_t>{first - tile, last - tile};
               },
-              [](int64_t, int64_t, const PairGrad<acc_t>&) {});
+              [](int64_t, int64_t, acc_t, acc_t) {});
         }
       }
       // This block's share of grad_k_global then grad_v_global, (2, G, Dh).
@@ -328,10 +332,10 @@ void backward_query_kernel(const Operands<acc_t>& op, const acc_t* grad_out, con
         transpose_rows<acc_t, kKeyTile>(op.vg_row(bh, chunk), count, dim, scratch.second_t.data());
         visit_tile(
             op.kg_row(bh, chunk), [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; },
-            [&](int64_t i, int64_t t, const PairGrad<acc_t>& g) {
+            [&](int64_t i, int64_t t, acc_t p, acc_t ds) {
               const int64_t row = bh * shape.len_q + i;
-              axpy(g.ds * op.scale, op.q_row(bh, i), partial + (chunk + t) * dim, dim);
-              axpy(g.p, grad_out + row * dim, partial + (shape.globals + chunk + t) * dim, dim);
+              axpy(ds * op.scale, op.q_row(bh, i), partial + (chunk + t) * dim, dim);
+              axpy(p, grad_out + row * dim, partial + (shape.globals + chunk + t) * dim, dim);
             });
       }
       for (int64_t i = q_begin; i < q_end; ++i) scale_row(op.scale, grad_q + (bh * shape.len_q + i) * dim, dim);
@@ -347,7 +351,8 @@ void backward_key_kernel(const Operands<acc_t>& op, const acc_t* grad_out, const
   const int64_t blocks = (shape.len_k + kKeyTile - 1) / kKeyTile;
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
     // Transposed query and grad_out tiles of kQueryBlock rows, and the products of one key with them.
-    std::vector<acc_t> q_t(dim * kQueryBlock), dout_t(dim * kQueryBlock), dots(kQueryBlock), more_dots(kQueryBlock);
+    std::vector<acc_t> q_t(dim * kQueryBlock), dout_t(dim * kQueryBlock), dots(kQueryBlock), more_dots(kQueryBlock),
+        weights(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks;
       const int64_t k_begin = (task % blocks) * kKeyTile;
@@ -371,11 +376,14 @@ void backward_key_kernel(const Operands<acc_t>& op, const acc_t* grad_out, const
           row_times_tile<acc_t, kQueryBlock>(op.v_row(bh, j), dout_t.data(), dim, more_dots.data());
           acc_t* dk_row = grad_k + (bh * shape.len_k + j) * dim;
           acc_t* dv_row = grad_v + (bh * shape.len_k + j) * dim;
+          const int64_t row_first = bh * shape.len_q + first;
+          acc_t* ds = dots.data() + (first - tile);
+          pair_grads(ds, more_dots.data() + (first - tile), lse + row_first, delta + row_first, op.scale,
+                     last - first, weights.data());
           for (int64_t i = first; i < last; ++i) {
             const int64_t row = bh * shape.len_q + i;
-            const PairGrad<acc_t> g = pair_grad(dots[i - tile], more_dots[i - tile], op.scale, lse[row], delta[row]);
-            axpy(g.ds * op.scale, op.q_row(bh, i), dk_row, dim);
-            axpy(g.p, grad_out + row * dim, dv_row, dim);
+            axpy(ds[i - first] * op.scale, op.q_row(bh, i), dk_row, dim);
+            axpy(weights[i - first], grad_out + row * dim, dv_row, dim);
           }
         }
       }
