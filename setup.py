@@ -55,7 +55,8 @@ def _pip_cuda_include_dirs():
     """cuBLAS/cuSPARSE headers shipped by pip's nvidia packages, for toolkits that lack them."""
     dirs = []
     for site in sys.path:
-        for pattern in ("nvidia/cu13/include", "nvidia/cu12/include", "nvidia/*/include"):
+        for pattern in ("nvidia/cu13/include", "nvidia/cu12/include", "nvidia/cublas/include",
+                        "nvidia/cusparse/include"):
             dirs.extend(sorted(glob.glob(os.path.join(site, pattern))))
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 

@@ -270,8 +270,8 @@ def backward(grad_out, q, k, v, k_global, v_global, out, lse, window, scale):
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     lse = lse.contiguous()
     grad_q = torch.empty_like(q)
-    grad_k = torch.zeros_like(k)
-    grad_v = torch.zeros_like(v)
+    grad_k = torch.empty_like(k)  # every row is written, zeros where no query reaches it
+    grad_v = torch.empty_like(v)
     block_m, block_n, num_warps, num_stages = _blocks()
     query_blocks = triton.cdiv(len_q, block_m)
     partial = torch.zeros((batch * heads, query_blocks, 2, globals_, head_dim), device=q.device,
