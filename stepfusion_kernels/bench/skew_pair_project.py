@@ -27,8 +27,8 @@ GATHER = "gather+linear"
 
 def index_select_loop(ha, hb, pairs, weight, bias, **_):
     """The eager baseline: one index_select and one linear layer per pair and modality."""
-    pa = [F.linear(ha.index_select(0, pairs[k, 0]), weight, bias) for k in range(pairs.shape[0])]
-    pb = [F.linear(hb.index_select(0, pairs[k, 1]), weight, bias) for k in range(pairs.shape[0])]
+    pa = [F.linear(ha.index_select(0, pairs[k:k + 1, 0]), weight, bias) for k in range(pairs.shape[0])]
+    pb = [F.linear(hb.index_select(0, pairs[k:k + 1, 1]), weight, bias) for k in range(pairs.shape[0])]
     return torch.cat(pa), torch.cat(pb)
 
 
