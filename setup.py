@@ -5,11 +5,15 @@ Switches (environment variables):
                             build and nvcc is found; no GPU is needed to compile and link them)
     TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0": Ampere and Hopper)
     MAX_JOBS                parallel compile jobs (read by torch's ninja build)
+    STEPFUSION_CPU_FLAGS    compiler flags selecting the CPU kernels' vector ISA (default: AVX2 + FMA on
+                            x86-64 machines that have them, as at::vec needs them at compile time; "" for
+                            a portable build of scalar-width vectors)
     CUDA_HOME               the CUDA toolkit root; found from `nvcc` on PATH when unset
 """
 
 import glob
 import os
+import platform
 import re
 import shutil
 import sys
@@ -51,9 +55,27 @@ def _pip_cuda_include_dirs():
     """cuBLAS/cuSPARSE headers shipped by pip's nvidia packages, for toolkits that lack them."""
     dirs = []
     for site in sys.path:
-        for pattern in ("nvidia/cu13/include", "nvidia/cu12/include", "nvidia/*/include"):
+        for pattern in ("nvidia/cu13/include", "nvidia/cu12/include", "nvidia/cublas/include",
+                        "nvidia/cusparse/include"):
             dirs.extend(sorted(glob.glob(os.path.join(site, pattern))))
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _cpu_flags():
+    """Flags for at::vec: it picks its implementation from CPU_CAPABILITY_* macros at compile time."""
+    custom = os.environ.get("STEPFUSION_CPU_FLAGS")
+    if custom is not None:
+        return custom.split()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = set(re.findall(r"\w+", next((line for line in handle if line.startswith("flags")), "")))
+    except OSError:
+        return []
+    if {"avx2", "fma", "f16c"} <= flags:
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
 
 
 _configure_cuda_home()
@@ -80,7 +102,7 @@ def _want_cuda():
 
 def _extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"] + _cpu_flags()
     if not _want_cuda():
         return CppExtension(
             "stepfusion_kernels._C",

@@ -35,6 +35,20 @@ inline Vectorized<acc_t> load(const acc_t* ptr, int64_t d, int64_t n) {
   return n == Vectorized<acc_t>::size() ? Vectorized<acc_t>::loadu(ptr + d) : Vectorized<acc_t>::loadu(ptr + d, n);
 }
 
+// tanh through one exp: Sleef's vector tanh costs several exps. |error| stays within a few ulp of 1,
+// which is what s = 1 + tanh and 1 - tanh^2 need; float64 keeps the exact tanh.
+template <typename acc_t>
+inline Vectorized<acc_t> tanh_via_exp(const Vectorized<acc_t>& z) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return z.tanh();
+  } else {
+    using Vec = Vectorized<acc_t>;
+    const Vec decay = (z.abs() * Vec(acc_t(-2))).exp();  // in (0, 1]: never overflows
+    const Vec magnitude = (Vec(acc_t(1)) - decay) / (Vec(acc_t(1)) + decay);
+    return Vec::blendv(magnitude, Vec(acc_t(0)) - magnitude, z < Vec(acc_t(0)));
+  }
+}
+
 // A row as acc_t: the row itself when the dtypes agree, else converted into scratch.
 template <typename scalar_t, typename acc_t>
 inline const acc_t* row_as_acc(const scalar_t* row, acc_t* scratch, int64_t dim) {
@@ -91,7 +105,7 @@ inline void compute_h(const RowInputs<acc_t>& in, int64_t dim, acc_t* h, acc_t* 
     const Vec x = load(in.x, d, n);
     Vec s = one;
     if (in.scale_local != nullptr) {
-      const Vec tanh_local = load(in.scale_local, d, n).tanh();
+      const Vec tanh_local = tanh_via_exp(load(in.scale_local, d, n));
       if (tanh_local_out != nullptr) tanh_local.store(tanh_local_out + d, n);
       s = one + tanh_local;
     }
@@ -154,7 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_expand_cpu(
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({shape.batch, shape.length}, x.options().dtype(acc_type));
   at::Tensor rstd = at::empty({shape.batch, shape.length}, x.options().dtype(acc_type));
-  if (shape.rows() == 0 || shape.dim == 0) return {y, mean, rstd};
+  // D == 0: no channels to normalise; the statistics are defined as zeros rather than left unwritten.
+  if (shape.rows() == 0 || shape.dim == 0) return {y, mean.zero_(), rstd.zero_()};
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "shift_expand_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

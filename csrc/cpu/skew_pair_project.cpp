@@ -161,24 +161,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t num_pairs = shape.pairs;
   const bool work = num_pairs > 0 && rows > 0 && in_f > 0 && out_f > 0;
 
-  // Per side: the sum of the output gradients of every pair of each used layer, (U, N, F) in acc_type,
-  // added in pair order. With one shared weight these sums are all that d_h, d_weight and d_bias need.
+  // Per side and used layer u: the sum of the output gradients of the layer's pairs, (N, F), added in
+  // pair order into an acc_type buffer; a layer with one pair uses that pair's gradient in place. With
+  // one shared weight these sums are all that d_h and d_weight need.
   LayerSegments segs[2] = {segments_of(index, 0, layers[0]), segments_of(index, 1, layers[1])};
-  at::Tensor layer_grads[2];
+  std::vector<at::Tensor> layer_grads[2];
   if (!shape.per_pair && work) {
     for (int side = 0; side < 2; ++side) {
       const LayerSegments& seg = segs[side];
       const int64_t used = static_cast<int64_t>(seg.used.size());
-      layer_grads[side] = at::empty({used, rows, out_f}, options.dtype(acc_type));
-      const int64_t block = block_rows_for(rows, used);
+      std::vector<int64_t> summed;  // the used layers (as u) that have several pairs
+      for (int64_t u = 0; u < used; ++u) {
+        const int64_t l = seg.used[u];
+        if (seg.offsets[l + 1] - seg.offsets[l] == 1) {
+          layer_grads[side].push_back(grads[side].select(0, seg.order[seg.offsets[l]]));
+        } else {
+          layer_grads[side].push_back(at::empty({rows, out_f}, options.dtype(acc_type)));
+          summed.push_back(u);
+        }
+      }
+      const int64_t units = static_cast<int64_t>(summed.size());
+      const int64_t block = block_rows_for(rows, units);
       const int64_t blocks = ceil_div(rows, block);
-      at::parallel_for(0, used * blocks, 1, [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
+      at::parallel_for(0, units * blocks, 1, [&](int64_t begin, int64_t end) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t u = task / blocks, row_begin = (task % blocks) * block;
+          const int64_t u = summed[task / blocks], row_begin = (task % blocks) * block;
           const int64_t n = std::min(block, rows - row_begin);
           const int64_t l = seg.used[u];
-          at::Tensor sum = layer_grads[side].select(0, u).narrow(0, row_begin, n);
+          at::Tensor sum = layer_grads[side][u].narrow(0, row_begin, n);
           for (int64_t s = seg.offsets[l]; s < seg.offsets[l + 1]; ++s) {
             const at::Tensor g = grads[side].select(0, seg.order[s]).narrow(0, row_begin, n);
             if (s == seg.offsets[l]) {
@@ -201,14 +212,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t blocks = ceil_div(rows, block);
       const at::Tensor shared_weight = shape.per_pair ? at::Tensor() : params[side]->weight;
       at::parallel_for(0, used * blocks, 1, [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
         for (int64_t task = begin; task < end; ++task) {
           const int64_t u = task / blocks, row_begin = (task % blocks) * block;
           const int64_t n = std::min(block, rows - row_begin);
           const int64_t l = seg.used[u];
           at::Tensor out = grad_stacks[side].select(0, l).narrow(0, row_begin, n);
           if (!shape.per_pair) {
-            const at::Tensor g = layer_grads[side].select(0, u).narrow(0, row_begin, n);
+            const at::Tensor g = layer_grads[side][u].narrow(0, row_begin, n);
             at::mm_out(out, g.to(out.scalar_type()), shared_weight);
             continue;
           }
@@ -229,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t block = block_rows_for(out_f, units);
     const int64_t blocks = ceil_div(out_f, block);
     at::parallel_for(0, units * blocks, 1, [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
       for (int64_t task = begin; task < end; ++task) {
         const int64_t unit = task / blocks, f_begin = (task % blocks) * block;
         const int64_t f = std::min(block, out_f - f_begin);
@@ -249,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           }
           const LayerSegments& seg = segs[side];
           for (size_t u = 0; u < seg.used.size(); ++u) {
-            const at::Tensor g = layer_grads[side].select(0, u).narrow(1, f_begin, f).t().to(out.scalar_type());
+            const at::Tensor g = layer_grads[side][u].narrow(1, f_begin, f).t().to(out.scalar_type());
             const at::Tensor x = stacks[side].select(0, seg.used[u]);
             accumulate_product(out, g, x, written);
             written = true;
@@ -259,23 +270,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
   }
 
-  // d_bias: sums over rows (and pairs when shared) of the output gradients, in acc_type.
+  // d_bias: sums over rows (and pairs when shared) of the output gradients, accumulated in acc_type.
+  const std::vector<int64_t> bias_dims = shape.per_pair ? std::vector<int64_t>{1} : std::vector<int64_t>{0, 1};
   auto bias_grad = [&](int w) -> at::Tensor {
     if (!has_bias[w]) return at::empty({0}, options);
-    const int first_side = w, last_side = shared ? 1 : w;
-    at::Tensor total;
-    for (int side = first_side; side <= last_side; ++side) {
-      at::Tensor part;
-      if (shape.per_pair) {
-        part = grads[side].to(acc_type).sum(1);
-      } else if (layer_grads[side].defined()) {
-        part = layer_grads[side].sum(at::IntArrayRef{0, 1});
-      } else {
-        part = at::zeros({out_f}, options.dtype(acc_type));
-      }
-      total = total.defined() ? total + part : part;
-    }
-    return total.to(ha_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+    at::Tensor total = grads[w].sum(bias_dims, /*keepdim=*/false, acc_type);
+    if (shared) total.add_(grads[1].sum(bias_dims, /*keepdim=*/false, acc_type));
+    return total.to(ha_in.scalar_type());
   };
   return {grad_stacks[0], grad_stacks[1], grad_weights[0], bias_grad(0), grad_weights[1],
           shared ? at::empty({0}, options) : bias_grad(1)};

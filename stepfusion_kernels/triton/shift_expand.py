@@ -151,8 +151,8 @@ def forward(x, scale_local, shift_local, scale_global, shift_global, gate, weigh
     y = torch.empty_like(x)
     mean = torch.empty((batch, length), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    if y.numel() == 0:
-        return y, mean, rstd
+    if y.numel() == 0:  # with D == 0 the statistics are defined as zeros, as in the C++ backends
+        return y, mean.zero_(), rstd.zero_()
     block, num_warps = row_block(dim, "shift_expand")
     _forward_kernel[(batch * length,)](
         x, _or(scale_local, x), _or(shift_local, x), _or(scale_global, x), _or(shift_global, x), _or(gate, x),

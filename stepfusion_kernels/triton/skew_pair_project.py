@@ -141,12 +141,12 @@ def _grad_weight_kernel(grad_first_ptr, stack_first_ptr, grad_second_ptr, stack_
     e = tl.program_id(2).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     f_mask = f < out_features
     e_mask = e < in_features
-    if PER_PAIR:
+    if PER_PAIR:  # weight slot is pair slot's own
         pair_begin = slot
         pair_end = slot + 1
-    else:
-        pair_begin = slot * 0
-        pair_end = slot * 0 + num_pairs
+    else:  # one weight: every pair adds to it
+        pair_begin = 0
+        pair_end = num_pairs
     acc = tl.zeros((BLOCK_F, BLOCK_E), dtype=tl.float32)
     for pair in range(pair_begin, pair_end):
         acc = _accumulate_side(acc, grad_first_ptr, stack_first_ptr, pairs_ptr, first_column, pair, samples,

@@ -1,0 +1,345 @@
+import pytest
+import torch
+
+import python_ref
+import stepfusion_kernels as sk
+from harness import (HAS_CUDA, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_deterministic_backward, check_empty, randn,
+                     seeded_generator)
+
+OP = OpUnderTest(fn=sk.skew_pair_project, ref=python_ref.skew_pair_project)
+REPEATED = ((0, 1), (4, 3), (0, 1), (2, 0), (4, 1))  # pair 0 and 2 repeat; A layer 4 and B layer 1 twice
+
+
+def make_case(layers_a, layers_b, samples, in_features, out_features, pairs=REPEATED, per_pair=False,
+              separate_b=False, bias_a=True, bias_b=True, noncontiguous=(), name=None):
+    pairs = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+    num_pairs = pairs.shape[0]
+    lead = (num_pairs,) if per_pair else ()
+
+    def build(generator):
+        return {"ha": randn(generator, layers_a, samples, in_features),
+                "hb": randn(generator, layers_b, samples, in_features),
+                "pairs": pairs,
+                "weight_a": randn(generator, *lead, out_features, in_features),
+                "bias_a": randn(generator, *lead, out_features) if bias_a else None,
+                "weight_b": randn(generator, *lead, out_features, in_features) if separate_b else None,
+                "bias_b": randn(generator, *lead, out_features) if separate_b and bias_b else None}
+
+    label = name or (f"LA{layers_a}-LB{layers_b}-N{samples}-E{in_features}-F{out_features}-P{num_pairs}"
+                     + ("-perpair" if per_pair else "-shared") + ("-sepB" if separate_b else "")
+                     + ("" if bias_a else "-nobiasA") + ("" if bias_b or not separate_b else "-nobiasB"))
+    if noncontiguous:
+        label += "-strided"
+    return Case(label, build, tuple(noncontiguous))
+
+
+CASES = [
+    make_case(5, 4, 17, 33, 9),                                    # SSFN: weight_b=None shares weight_a and bias_a
+    make_case(5, 4, 17, 33, 9, bias_a=False),
+    make_case(5, 4, 17, 33, 9, separate_b=True),
+    make_case(5, 4, 17, 33, 9, separate_b=True, bias_b=False),     # only A has a bias
+    make_case(5, 4, 17, 33, 9, separate_b=True, bias_a=False),     # only B has a bias
+    make_case(5, 4, 17, 33, 9, per_pair=True),
+    make_case(5, 4, 17, 33, 9, per_pair=True, separate_b=True, bias_a=False),
+    make_case(3, 3, 1, 17, 65, pairs=((2, 2),)),                   # N = 1, E and F = 2^k + 1
+    make_case(2, 6, 9, 1, 1, pairs=((1, 5), (0, 0))),              # E = F = 1
+    make_case(12, 12, 16, 40, 24, pairs=tuple(map(tuple, sk.skew_pairs(-7, 5, 12, 12).tolist())),
+              name="SSFN-L12-skew-7-n5"),
+    make_case(5, 4, 17, 33, 9, separate_b=True, noncontiguous=("ha", "hb", "weight_a", "bias_b")),
+    make_case(5, 4, 17, 33, 9, per_pair=True, noncontiguous=("ha", "weight_a", "bias_a")),
+    make_case(2, 3, 130, 20, 12, pairs=((1, 2), (1, 0), (0, 2))),  # more rows than one CPU task block
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+def test_matches_reference(case, backend, device, dtype):
+    check_against_reference(OP, case, backend, device, dtype)
+
+
+EMPTY = [
+    ("P0-shared", (3, 2, 4, 5, 6), 0, False),
+    ("P0-perpair", (3, 2, 4, 5, 6), 0, True),
+    ("N0", (3, 2, 0, 5, 6), 2, False),
+    ("F0", (3, 2, 4, 5, 0), 2, True),
+    ("LA0-P0", (0, 2, 4, 5, 6), 0, False),
+]
+
+
+@pytest.mark.parametrize(("shape", "num_pairs", "per_pair"), [e[1:] for e in EMPTY], ids=[e[0] for e in EMPTY])
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_empty_inputs_give_empty_outputs(shape, num_pairs, per_pair, backend, device):
+    layers_a, layers_b, samples, in_features, out_features = shape
+    lead = (num_pairs,) if per_pair else ()
+    kwargs = {"ha": torch.randn(layers_a, samples, in_features), "hb": torch.randn(layers_b, samples, in_features),
+              "pairs": torch.zeros(num_pairs, 2, dtype=torch.int64),
+              "weight_a": torch.randn(*lead, out_features, in_features), "bias_a": torch.randn(*lead, out_features)}
+    check_empty(OP, kwargs, backend, device)
+
+
+def test_zero_in_features_give_the_bias():
+    ha, hb = torch.randn(2, 3, 0), torch.randn(2, 3, 0)
+    bias = torch.randn(4)
+    for backend in [b for b in ("cpu", "triton") if b in sk.backends()]:
+        pa, pb = sk.skew_pair_project(ha, hb, torch.tensor([[1, 0]]), torch.randn(4, 0), bias, backend=backend)
+        torch.testing.assert_close(pa, bias.expand(1, 3, 4), rtol=0, atol=0)
+        torch.testing.assert_close(pb, bias.expand(1, 3, 4), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_pair", [False, True], ids=["shared", "perpair"])
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+def test_backward_is_bitwise_reproducible(per_pair, backend, device):
+    pairs = ((0, 1), (1, 1), (0, 1), (0, 0), (1, 1), (0, 2))  # layers hit by up to three pairs
+    case = make_case(2, 3, 150, 24, 20, pairs=pairs, per_pair=per_pair)
+    check_deterministic_backward(OP, case, backend, device, torch.float32)
+
+
+def test_gradient_of_a_repeated_layer_is_the_sum_over_its_pairs():
+    generator = seeded_generator("repeat")
+    ha, hb = randn(generator, 2, 5, 6).requires_grad_(), randn(generator, 2, 5, 6).requires_grad_()
+    weight = randn(generator, 3, 6)
+    for backend in [b for b in ("cpu", "triton") if b in sk.backends()]:
+        dtype = torch.float64 if backend == "cpu" else torch.float32
+        h_a, h_b = ha.detach().to(dtype).requires_grad_(), hb.detach().to(dtype).requires_grad_()
+        pa, pb = sk.skew_pair_project(h_a, h_b, torch.tensor([[1, 0], [1, 0], [1, 1]]), weight.to(dtype),
+                                      backend=backend)
+        (pa.sum() + pb.sum()).backward()
+        column = weight.to(dtype).sum(0).expand(5, 6)
+        torch.testing.assert_close(h_a.grad[1], 3 * column)
+        torch.testing.assert_close(h_a.grad[0], torch.zeros_like(column), rtol=0, atol=0)
+        torch.testing.assert_close(h_b.grad[0], 2 * column)
+        torch.testing.assert_close(h_b.grad[1], column)
+
+
+def _op_samples(dtype, device="cpu"):
+    generator = seeded_generator("opcheck")
+
+    def t(*shape):
+        return randn(generator, *shape).to(device=device, dtype=dtype).requires_grad_()
+
+    pairs = torch.tensor([[0, 1], [2, 1], [0, 0]], device=device)
+    shared = (t(3, 5, 7), t(2, 5, 7), pairs, t(4, 7), t(4), None, None)
+    separate = (t(3, 5, 7), t(2, 5, 7), pairs, t(4, 7), None, t(4, 7), t(4))
+    per_pair = (t(3, 5, 7), t(2, 5, 7), pairs, t(3, 4, 7), t(3, 4), t(3, 4, 7), None)
+    per_pair_shared = (t(3, 2, 7), t(2, 2, 7), pairs, t(3, 4, 7), None, None, None)
+    return [shared, separate, per_pair, per_pair_shared]
+
+
+def _kernel_ops():
+    usable = sk.backends()
+    ops = []
+    if "cpu" in usable:
+        ops.append(pytest.param(torch.ops.stepfusion.skew_pair_project.default, "cpu", torch.float64, id="cpp-cpu"))
+        ops.append(pytest.param(torch.ops.stepfusion.skew_pair_project.default, "cuda", torch.float32,
+                                id="cpp-cuda", marks=NEEDS_GPU))
+    if "triton" in usable or not HAS_CUDA:
+        device = "cuda" if HAS_CUDA else "cpu"
+        ops.append(pytest.param(torch.ops.stepfusion.skew_pair_project_triton.default, device, torch.float32,
+                                id=f"triton-{device}"))
+    return ops
+
+
+@pytest.mark.parametrize(("op", "device", "dtype"), _kernel_ops())
+def test_opcheck(op, device, dtype):
+    for args in _op_samples(dtype, device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("per_pair", [False, True], ids=["shared", "perpair"])
+@pytest.mark.parametrize("separate_b", [False, True], ids=["weightB-None", "weightB"])
+def test_gradcheck_cpu_float64(per_pair, separate_b):
+    generator = seeded_generator("gradcheck", per_pair, separate_b)
+    lead = (3,) if per_pair else ()
+    pairs = torch.tensor([[1, 0], [1, 2], [0, 0]])
+    tensors = [randn(generator, *shape).requires_grad_()
+               for shape in ((2, 4, 5), (3, 4, 5), (*lead, 3, 5), (*lead, 3))]
+    if separate_b:
+        tensors += [randn(generator, *lead, 3, 5).requires_grad_(), randn(generator, *lead, 3).requires_grad_()]
+
+    def project(ha, hb, weight_a, bias_a, weight_b=None, bias_b=None):
+        return sk.skew_pair_project(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b, backend="cpu")
+
+    assert torch.autograd.gradcheck(project, tensors)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in sk.backends()])
+def test_torch_compile_fullgraph(backend):
+    generator = seeded_generator("compile", backend)
+    ha, hb, weight, bias = [randn(generator, *shape).float().requires_grad_()
+                            for shape in ((4, 6, 8), (3, 6, 8), (5, 8), (5,))]
+    pairs = sk.skew_pairs(1, 2, 4, 3)
+
+    def fuse(ha, hb, weight, bias):
+        pa, pb = sk.skew_pair_project(ha, hb, pairs, weight, bias, backend=backend)
+        return (pa * pb).sum(-1)
+
+    compiled = torch.compile(fuse, fullgraph=True)
+    args = (ha, hb, weight, bias)
+    expected = fuse(*args)
+    result = compiled(*args)
+    torch.testing.assert_close(result, expected)
+    grads = torch.autograd.grad(result.square().sum(), args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), args)
+    for grad, expected_grad in zip(grads, expected_grads):
+        # Inductor fuses the ops around the kernel's in another order: fp32 rounding, not the kernel.
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+# skew_pairs: SSFN's pair sets (0-based layers, layer L-1 the deepest).
+SKEW_PAIRS = [
+    ((2, 1, 12, 12, "top"), [(11, 9)]),
+    ((-7, 5, 12, 12, "top"), [(4, 11), (3, 10), (2, 9), (1, 8), (0, 7)]),
+    ((0, 1, 12, 12, "top"), [(11, 11)]),                                    # late fusion
+    ((0, 3, 4, 6, "top"), [(3, 5), (2, 4), (1, 3)]),
+    ((2, 3, 12, 12, "bottom"), [(2, 0), (3, 1), (4, 2)]),
+    ((-3, 2, 12, 12, "bottom"), [(0, 3), (1, 4)]),
+    ((11, 1, 12, 12, "top"), [(11, 0)]),
+    ((-11, 1, 12, 12, "bottom"), [(0, 11)]),
+    ((5, 0, 12, 12, "top"), []),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), SKEW_PAIRS, ids=[str(s[0]) for s in SKEW_PAIRS])
+def test_skew_pairs(args, expected):
+    pairs = sk.skew_pairs(*args[:4], anchor=args[4])
+    assert pairs.dtype == torch.int64 and pairs.shape == (len(expected), 2)
+    assert [tuple(p) for p in pairs.tolist()] == expected
+
+
+BAD_SKEW_PAIRS = [
+    ("runs past the bottom", (2, 11, 12, 12), {}, "leave the stacks"),
+    ("runs past the top", (2, 11, 12, 12), {"anchor": "bottom"}, "leave the stacks"),
+    ("skew larger than the stack", (12, 1, 12, 12), {}, "leave the stacks"),
+    ("negative count", (0, -1, 12, 12), {}, "num_pairs"),
+    ("float skew", (1.0, 1, 12, 12), {}, "skew"),
+    ("no layers", (0, 1, 0, 12), {}, "layers_a"),
+    ("unknown anchor", (0, 1, 12, 12), {"anchor": "middle"}, "anchor"),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "match"), [b[1:] for b in BAD_SKEW_PAIRS],
+                         ids=[b[0] for b in BAD_SKEW_PAIRS])
+def test_skew_pairs_bad_input(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sk.skew_pairs(*args, **kwargs)
+
+
+def test_module_matches_functional_and_trains():
+    generator = seeded_generator("module")
+    ha, hb = randn(generator, 6, 4, 10).float(), randn(generator, 5, 4, 10).float()
+    pairs = sk.skew_pairs(1, 3, 6, 5)
+    shared = sk.nn.SkewPairProjection(10, 7)
+    assert shared.weight_b is None and shared.bias_b is None and shared.weight_a.shape == (7, 10)
+    per_pair = sk.nn.SkewPairProjection(10, 7, shared=False, num_pairs=3)
+    assert per_pair.weight_a.shape == (3, 7, 10) and per_pair.bias_b.shape == (3, 7)
+    for module in (shared, per_pair):
+        pa, pb = module(ha, hb, pairs)
+        expected = python_ref.skew_pair_project(ha, hb, pairs, module.weight_a, module.bias_a, module.weight_b,
+                                                module.bias_b)
+        torch.testing.assert_close((pa, pb), expected)
+        (pa * pb).sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert "num_pairs=3" in repr(per_pair)
+    with pytest.raises(ValueError, match="num_pairs"):
+        sk.nn.SkewPairProjection(10, 7, shared=False)
+
+
+# Bad inputs: every message must name the argument at fault.
+def _good(dtype=torch.float32):
+    return {"ha": torch.randn(4, 3, 5, dtype=dtype), "hb": torch.randn(3, 3, 5, dtype=dtype),
+            "pairs": torch.tensor([[3, 2], [0, 0]]), "weight_a": torch.randn(6, 5, dtype=dtype),
+            "bias_a": torch.randn(6, dtype=dtype)}
+
+
+BAD_INPUTS = [
+    ("i out of range", {"pairs": torch.tensor([[4, 0]])}, ValueError, r"pairs\[:, 0\]"),
+    ("j out of range", {"pairs": torch.tensor([[0, 3]])}, ValueError, r"pairs\[:, 1\]"),
+    ("negative index", {"pairs": torch.tensor([[0, -1]])}, ValueError, r"pairs\[:, 1\]"),
+    ("float pairs", {"pairs": torch.tensor([[0.0, 1.0]])}, ValueError, "pairs"),
+    ("int32 pairs", {"pairs": torch.tensor([[0, 1]], dtype=torch.int32)}, ValueError, "pairs"),
+    ("pairs not (P, 2)", {"pairs": torch.tensor([[0, 1, 2]])}, ValueError, "pairs"),
+    ("pairs rank 1", {"pairs": torch.tensor([0, 1])}, ValueError, "pairs"),
+    ("pairs device", {"pairs": torch.zeros(1, 2, dtype=torch.int64, device="meta")}, RuntimeError, "pairs"),
+    ("ha rank", {"ha": torch.randn(4, 5)}, ValueError, "ha"),
+    ("N mismatch", {"hb": torch.randn(3, 4, 5)}, ValueError, "hb"),
+    ("E mismatch of hb", {"hb": torch.randn(3, 3, 6)}, ValueError, "hb"),
+    ("in-feature mismatch", {"weight_a": torch.randn(6, 4)}, ValueError, "weight_a"),
+    ("weight rank", {"weight_a": torch.randn(5)}, ValueError, "weight_a"),
+    ("per-pair count != P", {"weight_a": torch.randn(3, 6, 5), "bias_a": None}, ValueError, "weight_a"),
+    ("bias shape", {"bias_a": torch.randn(7)}, ValueError, "bias_a"),
+    ("per-pair bias with shared weight", {"bias_a": torch.randn(2, 6)}, ValueError, "bias_a"),
+    ("weight_b shape", {"weight_b": torch.randn(2, 6, 5)}, ValueError, "weight_b"),
+    ("bias_b without weight_b", {"bias_b": torch.randn(6)}, ValueError, "bias_b"),
+    ("dtype mix", {"hb": torch.randn(3, 3, 5, dtype=torch.float64)}, ValueError, "hb"),
+    ("integer ha", {"ha": torch.ones(4, 3, 5, dtype=torch.int64)}, ValueError, "ha"),
+    ("weight device", {"weight_a": torch.randn(6, 5, device="meta")}, RuntimeError, "weight_a"),
+    ("not a tensor", {"weight_b": [[0.0] * 5] * 6}, ValueError, "weight_b"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "name"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_names_the_argument(change, error, name):
+    kwargs = {**_good(), **change}
+    with pytest.raises(error, match=name):
+        sk.skew_pair_project(**kwargs, backend="auto")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        sk.skew_pair_project(**_good(), backend="fortran")
+
+
+def test_backend_dtype_support_is_checked():
+    with pytest.raises(ValueError, match="float16"):
+        sk.skew_pair_project(**_good(dtype=torch.float16), backend="cpu")
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    with pytest.raises(RuntimeError, match="cuda"):
+        sk.skew_pair_project(**_good(), backend="cuda")
+
+
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+@pytest.mark.parametrize(("pairs", "match"), [([[4, 0]], r"pairs\[:, 0\]"), ([[0, -1]], r"pairs\[:, 1\]")],
+                         ids=["past-LA", "negative"])
+def test_cpp_op_checks_the_pair_range_itself(pairs, match):
+    good = _good()
+    args = (good["ha"], good["hb"], torch.tensor(pairs), good["weight_a"], None, None, None)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.stepfusion.skew_pair_project(*args)
+    grads = (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.stepfusion.skew_pair_project_backward(*grads, *args)
+
+
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+def test_cpp_op_checks_shapes_itself():
+    good = _good()
+    with pytest.raises(RuntimeError, match="weight_b"):
+        torch.ops.stepfusion.skew_pair_project(good["ha"], good["hb"], good["pairs"], good["weight_a"], None,
+                                               torch.randn(6, 4), None)
+
+
+@pytest.mark.skipif("triton" not in sk.backends(), reason="triton is not usable here")
+def test_triton_op_checks_the_pair_range_itself():
+    good = _good()
+    device = "cuda" if HAS_CUDA else "cpu"
+    args = [t.to(device) for t in (good["ha"], good["hb"], torch.tensor([[0, 3]]), good["weight_a"])]
+    with pytest.raises(RuntimeError, match=r"pairs\[:, 1\]"):
+        torch.ops.stepfusion.skew_pair_project_triton(*args, None, None, None)
+
+
+@NEEDS_GPU
+def test_large_stacks_use_64_bit_offsets():
+    # The last layer of a (3, 2^20 + 1, 1024) bf16 stack starts past element 2^31.
+    layers, samples, in_features = 3, (1 << 20) + 1, 1024
+    ha = torch.randn(layers, samples, in_features, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(16, in_features, device="cuda", dtype=torch.bfloat16) / 32
+    pairs = torch.tensor([[2, 2]], device="cuda")
+    for backend in ("cuda", "triton"):
+        pa, pb = sk.skew_pair_project(ha, ha, pairs, weight, backend=backend)
+        expected = ha[2, -2:].double() @ weight.double().T
+        torch.testing.assert_close(pa[0, -2:].double(), expected, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(pb[0, -2:].double(), expected, rtol=2e-2, atol=2e-2)
+        del pa, pb
