@@ -10,15 +10,16 @@ from .. import backends
 from ..ops.cohort_mutual_loss import cohort_mutual_loss
 from ._harness import COMPILE, EAGER, FORWARD, FORWARD_BACKWARD, BenchCase
 
-# (S, N, C, kind). Compiling the reference unrolls its S^2 pairs into one graph, which takes minutes
-# beyond S = 32, so the compiled reference runs only up to MAX_COMPILED_STUDENTS.
+# (S, N, C, kind). Compiling the reference unrolls its S^2 pairs into one graph: at S = 32 (1024 pairs)
+# that took over ten minutes on a 2-core CPU machine, so the compiled reference runs only up to
+# MAX_COMPILED_STUDENTS; the eager loop is the baseline at every S.
 SHAPES = {
-    "cpu": [(8, 256, 10, "kl"), (32, 256, 10, "kl"), (32, 256, 100, "mse")],
+    "cpu": [(8, 256, 10, "kl"), (32, 256, 10, "kl"), (8, 256, 100, "mse")],
     "cuda": [(8, 256, 4, "kl"), (8, 256, 1000, "kl"), (32, 256, 100, "kl"), (32, 256, 1000, "kl"),
              (32, 256, 1000, "mse"), (64, 256, 1000, "kl")],
 }
 DTYPES = {"cpu": [torch.float32], "cuda": [torch.float32, torch.bfloat16]}
-MAX_COMPILED_STUDENTS = 32
+MAX_COMPILED_STUDENTS = 8
 
 
 def _inputs(students, batch, classes, kind, device, dtype):
