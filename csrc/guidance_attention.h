@@ -114,8 +114,4 @@ inline KeyRange guidance_query_range(int64_t k_begin, int64_t k_end, int64_t len
 }
 
 // A contiguous copy of an optional argument (or an undefined tensor when it is absent).
-inline at::Tensor guidance_contiguous_or_undefined(const std::optional<at::Tensor>& arg) {
-  return arg.has_value() ? arg->contiguous() : at::Tensor();
-}
-
 }  // namespace stepfusion

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include "common.h"
+
 #include <vector>
 
 namespace stepfusion {
@@ -60,13 +62,5 @@ inline void check_shift_expand_backward(const at::Tensor& grad_y, const at::Tens
                 stat->device());
   }
 }
-
-// A contiguous copy of an optional argument (or an undefined tensor when it is absent).
-inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& arg) {
-  return arg.has_value() ? arg->contiguous() : at::Tensor();
-}
-
-// Gradient of an absent optional argument: an empty tensor (the Python layer maps it to None).
-inline at::Tensor absent_grad(const at::Tensor& x) { return at::empty({0}, x.options()); }
 
 }  // namespace stepfusion

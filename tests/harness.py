@@ -179,3 +179,14 @@ def check_deterministic_backward(op, case, backend, device, dtype):
         assert (first is None) == (second is None)
         if first is not None:
             assert torch.equal(first, second), "backward is not bitwise reproducible"
+
+
+def check_backend_selection_errors(fn, make_kwargs):
+    """The errors of backend choice every op shares: an unknown backend, a dtype the backend lacks
+    (float16 on the cpu backend), and the cuda backend asked for with CPU tensors."""
+    with pytest.raises(ValueError, match="backend"):
+        fn(**make_kwargs(dtype=torch.float32), backend="fortran")
+    with pytest.raises(ValueError, match="float16"):
+        fn(**make_kwargs(dtype=torch.float16), backend="cpu")
+    with pytest.raises(RuntimeError, match="cuda"):
+        fn(**make_kwargs(dtype=torch.float32), backend="cuda")

@@ -4,8 +4,9 @@ import torch.nn.functional as F
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (HAS_CUDA, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_deterministic_backward, randn, seeded_generator)
+from harness import (Case, HAS_CUDA, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_backend_selection_errors, check_deterministic_backward, randn,
+                     seeded_generator)
 
 OP = OpUnderTest(fn=sk.cohort_mutual_loss, ref=python_ref.cohort_mutual_loss)
 KINDS = ("kl", "mse")
@@ -269,19 +270,8 @@ def test_bad_input_names_the_argument(change, error, name, backend):
         sk.cohort_mutual_loss(**kwargs, backend=backend)
 
 
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend"):
-        sk.cohort_mutual_loss(**_good(), backend="fortran")
-
-
-def test_backend_dtype_support_is_checked():
-    with pytest.raises(ValueError, match="float16"):
-        sk.cohort_mutual_loss(**_good(dtype=torch.float16), backend="cpu")
-
-
-def test_cuda_backend_on_cpu_tensors_is_refused():
-    with pytest.raises(RuntimeError, match="cuda"):
-        sk.cohort_mutual_loss(**_good(), backend="cuda")
+def test_backend_selection_errors():
+    check_backend_selection_errors(sk.cohort_mutual_loss, _good)
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")

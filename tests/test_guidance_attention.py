@@ -3,9 +3,9 @@ import torch
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (HAS_CUDA, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_deterministic_backward, check_empty, prepare_inputs, randn,
-                     seeded_generator)
+from harness import (Case, HAS_CUDA, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_backend_selection_errors, check_deterministic_backward, check_empty,
+                     prepare_inputs, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.guidance_attention, ref=python_ref.guidance_attention, float32_tolerance=1e-4)
 
@@ -233,19 +233,8 @@ def test_bad_input_names_the_argument(change, error, name):
         sk.guidance_attention(**kwargs, backend="auto")
 
 
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend"):
-        sk.guidance_attention(**_good(), backend="fortran")
-
-
-def test_backend_dtype_support_is_checked():
-    with pytest.raises(ValueError, match="float16"):
-        sk.guidance_attention(**_good(dtype=torch.float16), backend="cpu")
-
-
-def test_cuda_backend_on_cpu_tensors_is_refused():
-    with pytest.raises(RuntimeError, match="cuda"):
-        sk.guidance_attention(**_good(), backend="cuda")
+def test_backend_selection_errors():
+    check_backend_selection_errors(sk.guidance_attention, _good)
 
 
 @pytest.mark.skipif("triton" not in sk.backends(), reason="triton is not usable here")

@@ -3,9 +3,9 @@ import torch
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (HAS_CUDA, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_deterministic_backward, check_empty, randn,
-                     seeded_generator)
+from harness import (Case, HAS_CUDA, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_backend_selection_errors, check_deterministic_backward, check_empty,
+                     randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.shift_expand, ref=python_ref.shift_expand)
 ALL_OPTIONAL = ("scale_local", "shift_local", "scale_global", "shift_global", "gate", "weight", "bias")
@@ -162,19 +162,8 @@ def test_bad_input_names_the_argument(change, error, name):
         sk.shift_expand(**kwargs, backend="auto")
 
 
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend"):
-        sk.shift_expand(**_good(), backend="fortran")
-
-
-def test_backend_dtype_support_is_checked():
-    with pytest.raises(ValueError, match="float16"):
-        sk.shift_expand(**_good(dtype=torch.float16), backend="cpu")
-
-
-def test_cuda_backend_on_cpu_tensors_is_refused():
-    with pytest.raises(RuntimeError, match="cuda"):
-        sk.shift_expand(**_good(), backend="cuda")
+def test_backend_selection_errors():
+    check_backend_selection_errors(sk.shift_expand, _good)
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")

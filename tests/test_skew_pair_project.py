@@ -3,9 +3,9 @@ import torch
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (HAS_CUDA, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_deterministic_backward, check_empty, randn,
-                     seeded_generator)
+from harness import (Case, HAS_CUDA, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_backend_selection_errors, check_deterministic_backward, check_empty,
+                     randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.skew_pair_project, ref=python_ref.skew_pair_project)
 REPEATED = ((0, 1), (4, 3), (0, 1), (2, 0), (4, 1))  # pair 0 and 2 repeat; A layer 4 and B layer 1 twice
@@ -285,19 +285,8 @@ def test_bad_input_names_the_argument(change, error, name):
         sk.skew_pair_project(**kwargs, backend="auto")
 
 
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend"):
-        sk.skew_pair_project(**_good(), backend="fortran")
-
-
-def test_backend_dtype_support_is_checked():
-    with pytest.raises(ValueError, match="float16"):
-        sk.skew_pair_project(**_good(dtype=torch.float16), backend="cpu")
-
-
-def test_cuda_backend_on_cpu_tensors_is_refused():
-    with pytest.raises(RuntimeError, match="cuda"):
-        sk.skew_pair_project(**_good(), backend="cuda")
+def test_backend_selection_errors():
+    check_backend_selection_errors(sk.skew_pair_project, _good)
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")

@@ -13,37 +13,12 @@
 
 #include <cstdint>
 
+#include "dispatch.h"
 #include "../guidance_attention.h"
 #include "guidance_attention_kernel.h"
 
 namespace stepfusion {
 namespace {
-
-// The CUDA element type of an ATen scalar type (the same bits).
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-#define STEPFUSION_DISPATCH_GUIDANCE_TYPES(TYPE, NAME, ...)                               \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)             \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-void check_cuda_input(const at::Tensor& q) {
-  TORCH_CHECK(q.is_cuda(), "guidance_attention (cuda backend): q must be a CUDA tensor, got ", q.device());
-  const auto t = q.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
-              "guidance_attention (cuda backend): q must be float32, float16 or bfloat16, got ", t);
-}
 
 template <typename cuda_t>
 void check_head_dim(int64_t head_dim) {
@@ -107,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> guidance_attention_cuda(const at::Tensor& q_i
                                                            const std::optional<at::Tensor>& v_global, int64_t window,
                                                            double scale) {
   const GuidanceAttentionShape shape = check_guidance_attention(q_in, k_in, v_in, k_global, v_global, window);
-  check_cuda_input(q_in);
+  check_cuda_input("guidance_attention", "q", q_in);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
 
   at::Tensor out = at::empty({shape.batch, shape.heads, shape.len_q, shape.head_dim}, q_in.options());
@@ -116,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> guidance_attention_cuda(const at::Tensor& q_i
 
   const Operands operands = operands_of(q_in, k_in, v_in, k_global, v_global);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  STEPFUSION_DISPATCH_GUIDANCE_TYPES(q_in.scalar_type(), "guidance_attention_cuda", [&] {
+  STEPFUSION_DISPATCH_CUDA_TYPES(q_in.scalar_type(), "guidance_attention_cuda", [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     check_head_dim<cuda_t>(shape.head_dim);
     C10_CUDA_CHECK(launch_guidance_attention_forward<cuda_t>(operands.inputs<cuda_t>(shape, window, scale),
@@ -133,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_
     const at::Tensor& lse_in, int64_t window, double scale) {
   const GuidanceAttentionShape shape = check_guidance_attention_backward(grad_out_in, q_in, k_in, v_in, k_global,
                                                                          v_global, out_in, lse_in, window);
-  check_cuda_input(q_in);
+  check_cuda_input("guidance_attention", "q", q_in);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
 
   const at::TensorOptions options = q_in.options();
@@ -160,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_
   at::Tensor grad_v_global_partial;
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  STEPFUSION_DISPATCH_GUIDANCE_TYPES(q_in.scalar_type(), "guidance_attention_backward_cuda", [&] {
+  STEPFUSION_DISPATCH_CUDA_TYPES(q_in.scalar_type(), "guidance_attention_backward_cuda", [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     check_head_dim<cuda_t>(shape.head_dim);
     if (has_globals) {

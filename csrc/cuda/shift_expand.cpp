@@ -10,37 +10,12 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "dispatch.h"
 #include "../shift_expand.h"
 #include "shift_expand_kernel.h"
 
 namespace stepfusion {
 namespace {
-
-// The CUDA element type of an ATen scalar type (the same bits).
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-#define STEPFUSION_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)             \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-void check_cuda_input(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "shift_expand (cuda backend): x must be a CUDA tensor, got ", x.device());
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
-              "shift_expand (cuda backend): x must be float32, float16 or bfloat16, got ", t);
-}
 
 ShiftExpandDevice current_device() {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
@@ -99,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shift_expand_cuda(
     const std::optional<at::Tensor>& bias, double eps) {
   const ShiftExpandShape shape =
       check_shift_expand(x_in, scale_local, shift_local, scale_global, shift_global, gate, weight, bias);
-  check_cuda_input(x_in);
+  check_cuda_input("shift_expand", "x", x_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const ContiguousArgs args =
       contiguous_args(x_in, scale_local, shift_local, scale_global, shift_global, gate, weight, bias);
@@ -135,7 +110,7 @@ shift_expand_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_in,
                            const at::Tensor& mean_in, const at::Tensor& rstd_in) {
   const ShiftExpandShape shape =
       check_shift_expand(x_in, scale_local, shift_local, scale_global, shift_global, gate, weight, bias);
-  check_cuda_input(x_in);
+  check_cuda_input("shift_expand", "x", x_in);
   check_shift_expand_backward(grad_y_in, x_in, mean_in, rstd_in, at::kFloat);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const ContiguousArgs args =

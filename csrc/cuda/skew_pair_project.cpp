@@ -19,37 +19,13 @@
 #include <tuple>
 #include <vector>
 
+#include "../common.h"
+#include "dispatch.h"
 #include "../skew_pair_project.h"
 #include "skew_pair_project_kernel.h"
 
 namespace stepfusion {
 namespace {
-
-// The CUDA element type of an ATen scalar type (the same bits).
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-#define STEPFUSION_DISPATCH_SKEW_TYPES(TYPE, NAME, ...)                                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)             \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-void check_cuda_input(const at::Tensor& ha) {
-  TORCH_CHECK(ha.is_cuda(), "skew_pair_project (cuda backend): ha must be a CUDA tensor, got ", ha.device());
-  const auto t = ha.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
-              "skew_pair_project (cuda backend): ha must be float32, float16 or bfloat16, got ", t);
-}
 
 SkewPairDevice current_device() { return {at::cuda::getCurrentDeviceProperties()->multiProcessorCount}; }
 
@@ -63,13 +39,6 @@ cuda_t* mutable_data(at::Tensor& t) {
   return static_cast<cuda_t*>(t.mutable_data_ptr());
 }
 
-at::Tensor contiguous_if_present(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-// Gradient of an absent optional argument: an empty tensor (the Python layer maps it to None).
-at::Tensor absent_grad(const at::Tensor& ha) { return at::empty({0}, ha.options()); }
-
 // The kernels' view of the arguments: contiguous tensors; weight_b and bias_b are those of side B
 // (weight_a and bias_a again when weight_b is absent), bias_a/bias_b undefined when absent.
 struct ContiguousArgs {
@@ -80,14 +49,14 @@ ContiguousArgs contiguous_args(const at::Tensor& ha, const at::Tensor& hb, const
                                const at::Tensor& weight_a, const std::optional<at::Tensor>& bias_a,
                                const std::optional<at::Tensor>& weight_b, const std::optional<at::Tensor>& bias_b) {
   const at::Tensor weight_a_contiguous = weight_a.contiguous();
-  const at::Tensor bias_a_contiguous = contiguous_if_present(bias_a);
+  const at::Tensor bias_a_contiguous = contiguous_or_undefined(bias_a);
   return {ha.contiguous(),
           hb.contiguous(),
           pairs.contiguous(),
           weight_a_contiguous,
           bias_a_contiguous,
           weight_b.has_value() ? weight_b->contiguous() : weight_a_contiguous,
-          weight_b.has_value() ? contiguous_if_present(bias_b) : bias_a_contiguous};
+          weight_b.has_value() ? contiguous_or_undefined(bias_b) : bias_a_contiguous};
 }
 
 // A fresh contiguous tensor of t's shape (empty_like would copy a non-contiguous t's strides).
@@ -104,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> skew_pair_project_cuda(const at::Tensor& ha_i
                                                           const std::optional<at::Tensor>& bias_a,
                                                           const std::optional<at::Tensor>& weight_b,
                                                           const std::optional<at::Tensor>& bias_b) {
-  check_cuda_input(ha_in);
+  check_cuda_input("skew_pair_project", "ha", ha_in);
   const c10::cuda::CUDAGuard device_guard(ha_in.device());
   const SkewPairProjectShape shape =
       check_skew_pair_project(ha_in, hb_in, pairs_in, weight_a_in, bias_a, weight_b, bias_b);
@@ -116,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> skew_pair_project_cuda(const at::Tensor& ha_i
   const ContiguousArgs args = contiguous_args(ha_in, hb_in, pairs_in, weight_a_in, bias_a, weight_b, bias_b);
   const int64_t weight_stride = shape.per_pair ? F * E : 0;
   const int64_t bias_stride = shape.per_pair ? F : 0;
-  STEPFUSION_DISPATCH_SKEW_TYPES(args.ha.scalar_type(), "skew_pair_project_cuda", [&] {
+  STEPFUSION_DISPATCH_CUDA_TYPES(args.ha.scalar_type(), "skew_pair_project_cuda", [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     SkewGemmArgs<cuda_t> gemm{};
     // Problem g < P is pa[g], problem P + k is pb[k]; its single term is g itself.
@@ -146,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_pa_in, const at::Tensor& grad_pb_in, const at::Tensor& ha_in, const at::Tensor& hb_in,
     const at::Tensor& pairs_in, const at::Tensor& weight_a_in, const std::optional<at::Tensor>& bias_a,
     const std::optional<at::Tensor>& weight_b, const std::optional<at::Tensor>& bias_b) {
-  check_cuda_input(ha_in);
+  check_cuda_input("skew_pair_project", "ha", ha_in);
   const c10::cuda::CUDAGuard device_guard(ha_in.device());
   const SkewPairProjectShape shape =
       check_skew_pair_project(ha_in, hb_in, pairs_in, weight_a_in, bias_a, weight_b, bias_b);
@@ -184,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const int64_t weight_stride = shape.per_pair ? F * E : 0;
   const SkewPairDevice device = current_device();
-  STEPFUSION_DISPATCH_SKEW_TYPES(args.ha.scalar_type(), "skew_pair_project_backward_cuda", [&] {
+  STEPFUSION_DISPATCH_CUDA_TYPES(args.ha.scalar_type(), "skew_pair_project_backward_cuda", [&] {
     using cuda_t = typename CudaType<scalar_t>::type;
     const SkewOperand<cuda_t> grad_p_operand{
         {data_or_null<cuda_t>(grad_pa), data_or_null<cuda_t>(grad_pb)}, {N * F, N * F}, F, false};

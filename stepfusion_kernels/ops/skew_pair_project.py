@@ -7,8 +7,9 @@ from torch import Tensor
 
 import python_ref
 
-from .._backend import EXTENSION_ERROR, check_backend_dtype, resolve_backend
+from .._backend import check_backend_dtype, resolve_backend
 from .._checks import check_tensor
+from ._library import register_kernel_ops
 
 OP = "skew_pair_project"
 # Preferred GPU backends for `auto`, fastest first. Not yet measured on a GPU: the CUDA C++ kernel is
@@ -166,13 +167,4 @@ def _autograd_backward(backward_op):
     return backward
 
 
-def _register(forward_name, backward_name):
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = getattr(torch.ops.stepfusion, backward_name.split("::")[1])
-    torch.library.register_autograd(forward_name, _autograd_backward(backward_op), setup_context=_setup_context)
-
-
-_register("stepfusion::skew_pair_project_triton", "stepfusion::skew_pair_project_triton_backward")
-if EXTENSION_ERROR is None:
-    _register("stepfusion::skew_pair_project", "stepfusion::skew_pair_project_backward")
+register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)
