@@ -9,6 +9,7 @@
 
 #include <cfloat>
 
+#include "convert.cuh"
 #include "cohort_mutual_loss_kernel.h"
 
 namespace stepfusion {
@@ -17,19 +18,6 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 constexpr int kWarp = 32;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
 struct Pair {
   float a;

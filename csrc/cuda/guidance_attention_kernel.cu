@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "convert.cuh"
 #include "guidance_attention_kernel.h"
 
 namespace stepfusion {
@@ -49,25 +50,6 @@ constexpr bool kArchHasTensorCores = true;
 constexpr size_t kSharedBudget = 160 * 1024;
 // Dynamic shared memory a block gets without opting in.
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // c_i = ((2 i + 1) Lk) // (2 Lq): the key position aligned with query i.
 __host__ __device__ __forceinline__ int64_t band_center(int64_t i, int64_t len_q, int64_t len_k) {

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "convert.cuh"
 #include "shift_expand_kernel.h"
 
 namespace stepfusion {
@@ -31,25 +32,6 @@ constexpr int kMaxWarpsPerBlock = 8;
 // Dynamic shared memory a block gets without opting in.
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
 constexpr int64_t kMaxBlocks = INT_MAX;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // VEC consecutive elements moved as one (16-byte when VEC * sizeof(T) == 16) load or store.
 template <typename T, int VEC>

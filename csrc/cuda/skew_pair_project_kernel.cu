@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "convert.cuh"
 #include "skew_pair_project_kernel.h"
 
 namespace stepfusion {
@@ -35,25 +36,6 @@ constexpr int kWarpSize = 32;
 constexpr int kBytesPerChunk = 16;
 // Dynamic shared memory a block gets without opting in.
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // 16 bytes of consecutive elements, moved as one load or store.
 template <typename T>
