@@ -24,4 +24,10 @@ TORCH_LIBRARY(stepfusion, m) {
       "shift_expand_backward(Tensor grad_y, Tensor x, Tensor? scale_local, Tensor? shift_local, "
       "Tensor? scale_global, Tensor? shift_global, Tensor? gate, Tensor? weight, Tensor? bias, "
       "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // guidance_attention returns out and the row logsumexp of the scaled scores (natural log; float32,
+  // float64 for float64 inputs) kept for the backward.
+  m.def("guidance_attention(Tensor q, Tensor k, Tensor v, Tensor? k_global, Tensor? v_global, int window, float scale) -> (Tensor out, Tensor lse)");
+  // Gradients of q, k, v, k_global, v_global; those of absent globals are empty tensors.
+  m.def("guidance_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? k_global, Tensor? v_global, Tensor out, Tensor lse, int window, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_k_global, Tensor grad_v_global)");
 }

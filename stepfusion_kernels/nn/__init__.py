@@ -1,5 +1,6 @@
 """Drop-in nn.Modules around the ops."""
 
+from .guidance_attention import GuidanceAttention
 from .shift_expand import StepShiftExpand
 
-__all__ = ["StepShiftExpand"]
+__all__ = ["GuidanceAttention", "StepShiftExpand"]

@@ -1,0 +1,391 @@
+// guidance_attention on the CPU, flash-attention style: programs own a block of kQueryBlock queries of
+// one (batch, head), walk only the key tiles that intersect the band of the block (then the global
+// tokens as one more tile), keep a running max / sum per row (online softmax) and never build the
+// (Lq, Lk) score matrix. Inside a tile each row visits exactly its own allowed keys.
+// The backward recomputes the probabilities from the saved row logsumexp: one pass over query blocks
+// for dq (and per-block partials of the global gradients, added afterwards in a fixed order), one pass
+// over key blocks for dk and dv that visits the queries whose band reaches the block. No thread ever
+// writes another's rows, so the gradients are bitwise reproducible for any number of threads.
+// Inputs are converted to the accumulation type (fp32, fp64 for fp64) once, up front.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../guidance_attention.h"
+
+namespace stepfusion {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kQueryBlock = 32;
+constexpr int64_t kKeyTile = 64;
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t dim) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t width = Vec::size();
+  Vec sum(acc_t(0));
+  int64_t d = 0;
+  for (; d + width <= dim; d += width) sum = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), sum);
+  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return x + y; }, sum);
+  for (; d < dim; ++d) total += a[d] * b[d];
+  return total;
+}
+
+// y += alpha * x
+template <typename acc_t>
+inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t dim) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t width = Vec::size();
+  const Vec a(alpha);
+  int64_t d = 0;
+  for (; d + width <= dim; d += width) at::vec::fmadd(a, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
+  for (; d < dim; ++d) y[d] += alpha * x[d];
+}
+
+template <typename acc_t>
+inline void scale_row(acc_t factor, acc_t* y, int64_t dim) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t width = Vec::size();
+  int64_t d = 0;
+  for (; d + width <= dim; d += width) (Vec::loadu(y + d) * Vec(factor)).store(y + d);
+  for (; d < dim; ++d) y[d] *= factor;
+}
+
+// The operands of one call, in the accumulation type and contiguous, with their row pointers.
+template <typename acc_t>
+struct Operands {
+  const acc_t* q;
+  const acc_t* k;
+  const acc_t* v;
+  const acc_t* k_global;  // nullptr when absent
+  const acc_t* v_global;
+  GuidanceAttentionShape shape;
+  int64_t window;
+  acc_t scale;
+
+  const acc_t* q_row(int64_t bh, int64_t i) const { return q + (bh * shape.len_q + i) * shape.head_dim; }
+  const acc_t* k_row(int64_t bh, int64_t j) const { return k + (bh * shape.len_k + j) * shape.head_dim; }
+  const acc_t* v_row(int64_t bh, int64_t j) const { return v + (bh * shape.len_k + j) * shape.head_dim; }
+  const acc_t* kg_row(int64_t bh, int64_t g) const { return k_global + (bh * shape.globals + g) * shape.head_dim; }
+  const acc_t* vg_row(int64_t bh, int64_t g) const { return v_global + (bh * shape.globals + g) * shape.head_dim; }
+  // The allowed keys of query i inside the tile [tile_begin, tile_end), as [first, last).
+  std::pair<int64_t, int64_t> row_keys(int64_t i, int64_t tile_begin, int64_t tile_end) const {
+    if (window < 0) return {tile_begin, tile_end};
+    const int64_t centre = guidance_center(i, shape.len_q, shape.len_k);
+    return {std::max(tile_begin, centre - window), std::min(tile_end, centre + window + 1)};
+  }
+};
+
+struct Inputs {
+  at::Tensor q, k, v, k_global, v_global;
+};
+
+Inputs to_acc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& k_global,
+              const std::optional<at::Tensor>& v_global, at::ScalarType acc_type) {
+  auto convert = [acc_type](const at::Tensor& t) { return t.to(acc_type).contiguous(); };
+  Inputs in{convert(q), convert(k), convert(v), at::Tensor(), at::Tensor()};
+  if (k_global.has_value()) {
+    in.k_global = convert(*k_global);
+    in.v_global = convert(*v_global);
+  }
+  return in;
+}
+
+template <typename acc_t>
+Operands<acc_t> operands_of(const Inputs& in, const GuidanceAttentionShape& shape, int64_t window, double scale) {
+  return {in.q.data_ptr<acc_t>(),
+          in.k.data_ptr<acc_t>(),
+          in.v.data_ptr<acc_t>(),
+          in.k_global.defined() ? in.k_global.data_ptr<acc_t>() : nullptr,
+          in.v_global.defined() ? in.v_global.data_ptr<acc_t>() : nullptr,
+          shape,
+          window,
+          static_cast<acc_t>(scale)};
+}
+
+void check_cpu_dtype(const at::Tensor& q) {
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+              "guidance_attention (cpu backend): q must be float32, float64 or bfloat16, got ", t);
+}
+
+int64_t num_query_blocks(const GuidanceAttentionShape& shape) { return (shape.len_q + kQueryBlock - 1) / kQueryBlock; }
+
+// Online softmax state of the rows of one query block.
+template <typename acc_t>
+struct RowState {
+  RowState(int64_t rows, int64_t dim)
+      : max(rows, -std::numeric_limits<acc_t>::infinity()), sum(rows, acc_t(0)), acc(rows * dim, acc_t(0)) {}
+  std::vector<acc_t> max;
+  std::vector<acc_t> sum;
+  std::vector<acc_t> acc;  // rows x dim: sum_j exp(s_j - max) v_j
+};
+
+// Folds the keys [first, last) of one row into its running softmax; key(j) and value(j) give the rows.
+template <typename acc_t, typename KeyRow, typename ValueRow>
+inline void fold_keys(const acc_t* q_row, int64_t first, int64_t last, KeyRow key, ValueRow value, acc_t scale,
+                      int64_t dim, acc_t* scores, acc_t& row_max, acc_t& row_sum, acc_t* acc) {
+  if (first >= last) return;
+  acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = first; j < last; ++j) {
+    scores[j - first] = scale * dot(q_row, key(j), dim);
+    tile_max = std::max(tile_max, scores[j - first]);
+  }
+  const acc_t new_max = std::max(row_max, tile_max);
+  const acc_t correction = std::exp(row_max - new_max);  // exp(-inf) = 0 on the first tile
+  row_sum *= correction;
+  scale_row(correction, acc, dim);
+  for (int64_t j = first; j < last; ++j) {
+    const acc_t p = std::exp(scores[j - first] - new_max);
+    row_sum += p;
+    axpy(p, value(j), acc, dim);
+  }
+  row_max = new_max;
+}
+
+template <typename acc_t>
+void forward_kernel(const Operands<acc_t>& op, acc_t* out, acc_t* lse) {
+  const GuidanceAttentionShape& shape = op.shape;
+  const int64_t dim = shape.head_dim;
+  const int64_t blocks = num_query_blocks(shape);
+  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    RowState<acc_t> state(kQueryBlock, dim);
+    std::vector<acc_t> scores(std::max(kKeyTile, shape.globals));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks;
+      const int64_t q_begin = (task % blocks) * kQueryBlock;
+      const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
+      std::fill(state.max.begin(), state.max.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(state.sum.begin(), state.sum.end(), acc_t(0));
+      std::fill(state.acc.begin(), state.acc.end(), acc_t(0));
+      auto key = [&](int64_t j) { return op.k_row(bh, j); };
+      auto value = [&](int64_t j) { return op.v_row(bh, j); };
+      if (shape.len_k > 0) {
+        // Key tiles aligned to kKeyTile, from the first to the last key the block's band reaches.
+        const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
+        for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
+          const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
+          for (int64_t i = q_begin; i < q_end; ++i) {
+            const int64_t r = i - q_begin;
+            const auto [first, last] = op.row_keys(i, tile, tile_end);
+            fold_keys(op.q_row(bh, i), first, last, key, value, op.scale, dim, scores.data(), state.max[r],
+                      state.sum[r], state.acc.data() + r * dim);
+          }
+        }
+      }
+      if (shape.globals > 0) {
+        auto global_key = [&](int64_t g) { return op.kg_row(bh, g); };
+        auto global_value = [&](int64_t g) { return op.vg_row(bh, g); };
+        for (int64_t i = q_begin; i < q_end; ++i) {
+          const int64_t r = i - q_begin;
+          fold_keys(op.q_row(bh, i), int64_t(0), shape.globals, global_key, global_value, op.scale, dim,
+                    scores.data(), state.max[r], state.sum[r], state.acc.data() + r * dim);
+        }
+      }
+      for (int64_t i = q_begin; i < q_end; ++i) {
+        const int64_t r = i - q_begin;
+        const int64_t row = bh * shape.len_q + i;
+        acc_t* out_row = out + row * dim;
+        std::copy(state.acc.data() + r * dim, state.acc.data() + (r + 1) * dim, out_row);
+        scale_row(acc_t(1) / state.sum[r], out_row, dim);
+        lse[row] = state.max[r] + std::log(state.sum[r]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> guidance_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& k_global,
+                                                          const std::optional<at::Tensor>& v_global, int64_t window,
+                                                          double scale) {
+  const GuidanceAttentionShape shape = check_guidance_attention(q, k, v, k_global, v_global, window);
+  check_cpu_dtype(q);
+  const at::ScalarType acc_type = guidance_lse_type(q.scalar_type());
+  const Inputs in = to_acc(q, k, v, k_global, v_global, acc_type);
+  at::Tensor out = at::empty({shape.batch, shape.heads, shape.len_q, shape.head_dim}, in.q.options());
+  at::Tensor lse = at::empty({shape.batch, shape.heads, shape.len_q}, in.q.options());
+  if (shape.batch * shape.heads * shape.len_q > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "guidance_attention_cpu", [&] {
+      forward_kernel<scalar_t>(operands_of<scalar_t>(in, shape, window, scale), out.data_ptr<scalar_t>(),
+                               lse.data_ptr<scalar_t>());
+    });
+  }
+  return {out.to(q.scalar_type()), lse};
+}
+
+// Backward of one (query row, key) pair, recomputed from the saved lse: p = exp(s - lse) and
+// ds = p (dO . v - delta), the gradient of the unscaled score q . k is scale * ds.
+template <typename acc_t>
+struct PairGrad {
+  acc_t p;
+  acc_t ds;
+};
+
+template <typename acc_t>
+inline PairGrad<acc_t> pair_grad(const acc_t* q_row, const acc_t* grad_out_row, const acc_t* key, const acc_t* value,
+                                 acc_t scale, acc_t row_lse, acc_t row_delta, int64_t dim) {
+  const acc_t p = std::exp(scale * dot(q_row, key, dim) - row_lse);
+  return {p, p * (dot(grad_out_row, value, dim) - row_delta)};
+}
+
+template <typename acc_t>
+void backward_query_kernel(const Operands<acc_t>& op, const acc_t* grad_out, const acc_t* lse, const acc_t* delta,
+                           acc_t* grad_q, acc_t* global_partial) {
+  const GuidanceAttentionShape& shape = op.shape;
+  const int64_t dim = shape.head_dim;
+  const int64_t blocks = num_query_blocks(shape);
+  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks;
+      const int64_t q_begin = (task % blocks) * kQueryBlock;
+      const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
+      // This block's share of grad_k_global then grad_v_global, (2, G, Dh).
+      acc_t* partial = global_partial == nullptr ? nullptr : global_partial + task * 2 * shape.globals * dim;
+      if (partial != nullptr) std::fill(partial, partial + 2 * shape.globals * dim, acc_t(0));
+      for (int64_t i = q_begin; i < q_end; ++i) {
+        const int64_t row = bh * shape.len_q + i;
+        const acc_t* q_row = op.q_row(bh, i);
+        const acc_t* dout_row = grad_out + row * dim;
+        acc_t* dq_row = grad_q + row * dim;
+        std::fill(dq_row, dq_row + dim, acc_t(0));
+        if (shape.len_k > 0) {
+          const auto [first, last] = op.row_keys(i, 0, shape.len_k);
+          for (int64_t j = first; j < last; ++j) {
+            const PairGrad<acc_t> g =
+                pair_grad(q_row, dout_row, op.k_row(bh, j), op.v_row(bh, j), op.scale, lse[row], delta[row], dim);
+            axpy(g.ds, op.k_row(bh, j), dq_row, dim);
+          }
+        }
+        for (int64_t t = 0; t < shape.globals; ++t) {
+          const PairGrad<acc_t> g =
+              pair_grad(q_row, dout_row, op.kg_row(bh, t), op.vg_row(bh, t), op.scale, lse[row], delta[row], dim);
+          axpy(g.ds, op.kg_row(bh, t), dq_row, dim);
+          axpy(g.ds * op.scale, q_row, partial + t * dim, dim);
+          axpy(g.p, dout_row, partial + (shape.globals + t) * dim, dim);
+        }
+        scale_row(op.scale, dq_row, dim);
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void backward_key_kernel(const Operands<acc_t>& op, const acc_t* grad_out, const acc_t* lse, const acc_t* delta,
+                         acc_t* grad_k, acc_t* grad_v) {
+  const GuidanceAttentionShape& shape = op.shape;
+  const int64_t dim = shape.head_dim;
+  const int64_t blocks = (shape.len_k + kKeyTile - 1) / kKeyTile;
+  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks;
+      const int64_t k_begin = (task % blocks) * kKeyTile;
+      const int64_t k_end = std::min(shape.len_k, k_begin + kKeyTile);
+      std::fill(grad_k + (bh * shape.len_k + k_begin) * dim, grad_k + (bh * shape.len_k + k_end) * dim, acc_t(0));
+      std::fill(grad_v + (bh * shape.len_k + k_begin) * dim, grad_v + (bh * shape.len_k + k_end) * dim, acc_t(0));
+      // Only the queries whose band reaches this key block; each row sees its own keys of the block.
+      const KeyRange queries = guidance_query_range(k_begin, k_end, shape.len_q, shape.len_k, op.window);
+      for (int64_t i = queries.first; i <= queries.last; ++i) {
+        const int64_t row = bh * shape.len_q + i;
+        const acc_t* q_row = op.q_row(bh, i);
+        const acc_t* dout_row = grad_out + row * dim;
+        const auto [first, last] = op.row_keys(i, k_begin, k_end);
+        for (int64_t j = first; j < last; ++j) {
+          const PairGrad<acc_t> g =
+              pair_grad(q_row, dout_row, op.k_row(bh, j), op.v_row(bh, j), op.scale, lse[row], delta[row], dim);
+          const int64_t key_row = bh * shape.len_k + j;
+          axpy(g.ds * op.scale, q_row, grad_k + key_row * dim, dim);
+          axpy(g.p, dout_row, grad_v + key_row * dim, dim);
+        }
+      }
+    }
+  });
+}
+
+// (BH, T, 2, G, Dh) partials -> grad_k_global and grad_v_global (BH, G, Dh), adding the T query blocks
+// in block order so that the result does not depend on the number of threads.
+std::pair<at::Tensor, at::Tensor> sum_global_partials(const at::Tensor& partial) {
+  const int64_t groups = partial.size(0), blocks = partial.size(1);
+  const int64_t width = partial.size(2) * partial.size(3) * partial.size(4);
+  at::Tensor total = at::empty({groups, partial.size(2), partial.size(3), partial.size(4)}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "guidance_attention_sum_global_partials", [&] {
+    const scalar_t* src = partial.data_ptr<scalar_t>();
+    scalar_t* dst = total.data_ptr<scalar_t>();
+    at::parallel_for(0, groups * width, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t group = e / width, column = e % width;
+        const scalar_t* column_p = src + group * blocks * width + column;
+        scalar_t sum = 0;
+        for (int64_t t = 0; t < blocks; ++t) sum += column_p[t * width];
+        dst[e] = sum;
+      }
+    });
+  });
+  return {total.select(1, 0), total.select(1, 1)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& k_global, const std::optional<at::Tensor>& v_global, const at::Tensor& out_in,
+    const at::Tensor& lse_in, int64_t window, double scale) {
+  const GuidanceAttentionShape shape =
+      check_guidance_attention_backward(grad_out_in, q, k, v, k_global, v_global, out_in, lse_in, window);
+  check_cpu_dtype(q);
+  const at::ScalarType acc_type = guidance_lse_type(q.scalar_type());
+  const at::ScalarType dtype = q.scalar_type();
+  const Inputs in = to_acc(q, k, v, k_global, v_global, acc_type);
+  const at::Tensor grad_out = grad_out_in.to(acc_type).contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  // delta_i = dO_i . O_i = sum_j P_ij dP_ij: the row term of the softmax backward.
+  const at::Tensor delta = (grad_out * out_in.to(acc_type)).sum(-1).contiguous();
+  const auto acc_options = in.q.options();
+  at::Tensor grad_q = at::empty({shape.batch, shape.heads, shape.len_q, shape.head_dim}, acc_options);
+  at::Tensor grad_k = at::empty({shape.batch, shape.heads, shape.len_k, shape.head_dim}, acc_options);
+  at::Tensor grad_v = at::empty({shape.batch, shape.heads, shape.len_k, shape.head_dim}, acc_options);
+  const int64_t groups = shape.batch * shape.heads;
+  const int64_t blocks = num_query_blocks(shape);
+  at::Tensor global_partial;
+  if (k_global.has_value()) {
+    global_partial = at::zeros({groups, blocks, 2, shape.globals, shape.head_dim}, acc_options);
+  }
+  if (groups > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "guidance_attention_backward_cpu", [&] {
+      const Operands<scalar_t> op = operands_of<scalar_t>(in, shape, window, scale);
+      const scalar_t* dout_p = grad_out.data_ptr<scalar_t>();
+      const scalar_t* lse_p = lse.data_ptr<scalar_t>();
+      const scalar_t* delta_p = delta.data_ptr<scalar_t>();
+      backward_query_kernel<scalar_t>(op, dout_p, lse_p, delta_p, grad_q.data_ptr<scalar_t>(),
+                                      global_partial.defined() ? global_partial.data_ptr<scalar_t>() : nullptr);
+      backward_key_kernel<scalar_t>(op, dout_p, lse_p, delta_p, grad_k.data_ptr<scalar_t>(),
+                                    grad_v.data_ptr<scalar_t>());
+    });
+  }
+  at::Tensor grad_k_global = at::empty({0}, q.options());
+  at::Tensor grad_v_global = at::empty({0}, q.options());
+  if (k_global.has_value()) {
+    const auto [dk_global, dv_global] = sum_global_partials(global_partial);
+    const std::vector<int64_t> global_shape{shape.batch, shape.heads, shape.globals, shape.head_dim};
+    // Copies: the two sums are views of one buffer, and the outputs of an op may not alias each other.
+    grad_k_global = dk_global.reshape(global_shape).to(dtype, /*non_blocking=*/false, /*copy=*/true);
+    grad_v_global = dv_global.reshape(global_shape).to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  }
+  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_k_global, grad_v_global};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stepfusion, CPU, m) {
+  m.impl("guidance_attention", &guidance_attention_cpu);
+  m.impl("guidance_attention_backward", &guidance_attention_backward_cpu);
+}
+
+}  // namespace stepfusion

@@ -1,0 +1,287 @@
+import pytest
+import torch
+
+import python_ref
+import stepfusion_kernels as sk
+from harness import (HAS_CUDA, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_deterministic_backward, check_empty, prepare_inputs, randn,
+                     seeded_generator)
+
+OP = OpUnderTest(fn=sk.guidance_attention, ref=python_ref.guidance_attention, float32_tolerance=1e-4)
+
+
+def make_case(batch, heads, len_q, len_k, head_dim, globals_, window, scale=None, noncontiguous=(),
+              q_layout="bhld"):
+    """q_layout="blhd": q is the transpose(1, 2) view of a (B, Lq, H, Dh) tensor, as a module's
+    projection produces it."""
+
+    def build(generator):
+        if q_layout == "blhd":
+            q = randn(generator, batch, len_q, heads, head_dim).transpose(1, 2)
+        else:
+            q = randn(generator, batch, heads, len_q, head_dim)
+        kwargs = {"q": q, "k": randn(generator, batch, heads, len_k, head_dim),
+                  "v": randn(generator, batch, heads, len_k, head_dim), "k_global": None, "v_global": None}
+        if globals_ > 0:
+            kwargs["k_global"] = randn(generator, batch, heads, globals_, head_dim)
+            kwargs["v_global"] = randn(generator, batch, heads, globals_, head_dim)
+        kwargs["window"] = window
+        kwargs["scale"] = scale
+        return kwargs
+
+    name = f"B{batch}-H{heads}-Lq{len_q}-Lk{len_k}-Dh{head_dim}-G{globals_}-w{window}"
+    if scale is not None:
+        name += f"-scale{scale}"
+    if noncontiguous:
+        name += "-strided"
+    if q_layout == "blhd":
+        name += "-q_blhd"
+    return Case(name, build, tuple(noncontiguous))
+
+
+# The Triton tiles are 16 x 16 under the interpreter and the CPU blocks 32 queries x 64 keys, so the
+# longer cases span several blocks and exercise the band's block skipping in both directions.
+CASES = [
+    make_case(2, 2, 17, 17, 16, 0, -1),
+    make_case(2, 2, 17, 17, 16, 1, 0),
+    make_case(1, 2, 70, 150, 16, 7, 3),         # Lq < Lk: the centres stride over the keys
+    make_case(1, 2, 150, 70, 32, 7, 1),         # Lq > Lk: several queries share a centre
+    make_case(2, 1, 33, 129, 16, 0, 0),
+    make_case(1, 1, 129, 33, 16, 1, 2),
+    make_case(1, 2, 40, 25, 16, 7, 100),        # window larger than Lk: the dense attention
+    make_case(2, 2, 9, 1, 16, 0, 0),            # Lk = 1: every query sees the single key
+    make_case(1, 2, 9, 1, 16, 7, -1),
+    make_case(1, 2, 12, 0, 16, 7, 2),           # Lk = 0: the global tokens alone
+    make_case(1, 1, 65, 97, 64, 7, 5, scale=0.3),
+    make_case(2, 2, 37, 51, 16, 1, 4, q_layout="blhd", noncontiguous=("k", "v_global")),
+    make_case(1, 2, 21, 21, 128, 1, -1, q_layout="blhd"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+def test_matches_reference(case, backend, device, dtype):
+    check_against_reference(OP, case, backend, device, dtype)
+
+
+HOST_BACKENDS = [b for b in ("reference", "cpu") if b in sk.backends()]
+
+
+@pytest.mark.parametrize("case", [make_case(2, 2, 19, 23, 5, 1, 2), make_case(1, 1, 40, 70, 33, 7, -1),
+                                  make_case(1, 1, 3, 4, 1, 0, 0)], ids=str)
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_head_dim_on_the_cpu_backend(case, backend, dtype):
+    check_against_reference(OP, case, backend, "cpu", dtype)
+
+
+def test_blhd_case_passes_a_noncontiguous_q():
+    case = make_case(2, 2, 37, 51, 16, 1, 4, q_layout="blhd")
+    test_kwargs, _ = prepare_inputs(case, seeded_generator("layout"), torch.float32, "cpu")
+    assert not test_kwargs["q"].is_contiguous()
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_window_beyond_the_keys_is_the_dense_attention(backend, device):
+    generator = seeded_generator("dense", backend)
+    q, k, v = (randn(generator, 1, 2, n, 16).float().to(device) for n in (23, 31, 31))
+    banded = sk.guidance_attention(q, k, v, window=31, backend=backend)
+    dense = sk.guidance_attention(q, k, v, window=-1, backend=backend)
+    torch.testing.assert_close(banded, dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 7, 3), (2, 0, 5, 7, 3), (2, 2, 0, 7, 3), (2, 2, 0, 0, 0)], ids=str)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_empty_inputs_give_empty_outputs(shape, backend, device):
+    batch, heads, len_q, len_k, globals_ = shape
+    kwargs = {"q": torch.randn(batch, heads, len_q, 16), "k": torch.randn(batch, heads, len_k, 16),
+              "v": torch.randn(batch, heads, len_k, 16), "k_global": torch.randn(batch, heads, globals_, 16),
+              "v_global": torch.randn(batch, heads, globals_, 16), "window": 1}
+    check_empty(OP, kwargs, backend, device)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+def test_backward_is_bitwise_reproducible(backend, device):
+    check_deterministic_backward(OP, make_case(2, 2, 70, 90, 16, 7, 3), backend, device, torch.float32)
+
+
+def _op_samples(dtype, device="cpu"):
+    generator = seeded_generator("opcheck")
+
+    def t(*shape):
+        return randn(generator, *shape).to(device=device, dtype=dtype).requires_grad_()
+
+    banded = (t(2, 2, 19, 16), t(2, 2, 23, 16), t(2, 2, 23, 16), t(2, 2, 3, 16), t(2, 2, 3, 16), 2, 0.25)
+    dense = (t(1, 2, 9, 16), t(1, 2, 5, 16), t(1, 2, 5, 16), None, None, -1, 0.25)
+    global_only = (t(1, 1, 6, 16), t(1, 1, 0, 16), t(1, 1, 0, 16), t(1, 1, 2, 16), t(1, 1, 2, 16), 0, 0.5)
+    return [banded, dense, global_only]
+
+
+def _kernel_ops():
+    usable = sk.backends()
+    ops = []
+    if "cpu" in usable:
+        ops.append(pytest.param(torch.ops.stepfusion.guidance_attention.default, "cpu", torch.float64, id="cpp-cpu"))
+        ops.append(pytest.param(torch.ops.stepfusion.guidance_attention.default, "cuda", torch.float32,
+                                id="cpp-cuda", marks=NEEDS_GPU))
+    if "triton" in usable or not HAS_CUDA:
+        device = "cuda" if HAS_CUDA else "cpu"
+        ops.append(pytest.param(torch.ops.stepfusion.guidance_attention_triton.default, device, torch.float32,
+                                id=f"triton-{device}"))
+    return ops
+
+
+@pytest.mark.parametrize(("op", "device", "dtype"), _kernel_ops())
+def test_opcheck(op, device, dtype):
+    for args in _op_samples(dtype, device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+def test_gradcheck_cpu_float64():
+    generator = seeded_generator("gradcheck")
+    args = [randn(generator, *shape).requires_grad_()
+            for shape in ((1, 2, 7, 3), (1, 2, 11, 3), (1, 2, 11, 3), (1, 2, 2, 3), (1, 2, 2, 3))]
+    assert torch.autograd.gradcheck(lambda *a: sk.guidance_attention(*a, window=2, backend="cpu"), args)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in sk.backends()])
+def test_torch_compile_fullgraph(backend):
+    generator = seeded_generator("compile", backend)
+    args = [randn(generator, *shape).float().requires_grad_()
+            for shape in ((2, 2, 9, 16), (2, 2, 13, 16), (2, 2, 13, 16), (2, 2, 3, 16), (2, 2, 3, 16))]
+
+    def attend(q, k, v, k_global, v_global):
+        return sk.guidance_attention(q, k, v, k_global, v_global, window=2, backend=backend)
+
+    compiled = torch.compile(attend, fullgraph=True)
+    expected = attend(*args)
+    result = compiled(*args)
+    torch.testing.assert_close(result, expected)
+    grads = torch.autograd.grad(result.square().sum(), args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), args)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("global_tokens", [0, 3])
+def test_module_matches_reference_and_trains(global_tokens):
+    torch.manual_seed(0)
+    module = sk.nn.GuidanceAttention(32, heads=2, window=2, global_tokens=global_tokens, dim_kv=24)
+    generator = seeded_generator("module", global_tokens)
+    x, guide = randn(generator, 2, 11, 32).float(), randn(generator, 2, 17, 24).float()
+    y = module(x, guide)
+    assert y.shape == (2, 11, 32)
+
+    # The same module written out with the reference op and explicit segment means.
+    def heads(t):
+        return t.reshape(t.shape[0], t.shape[1], 2, 16).transpose(1, 2)
+
+    k, v = module.k_proj(guide), module.v_proj(guide)
+    k_global = v_global = None
+    if global_tokens:
+        segments = [(g * 17 // global_tokens, -(-(g + 1) * 17 // global_tokens)) for g in range(global_tokens)]
+        k_global = heads(torch.stack([k[:, a:b].mean(1) for a, b in segments], 1))
+        v_global = heads(torch.stack([v[:, a:b].mean(1) for a, b in segments], 1))
+    attended = python_ref.guidance_attention(heads(module.q_proj(x)), heads(k), heads(v), k_global, v_global,
+                                             window=2)
+    expected = module.out_proj(attended.transpose(1, 2).reshape(2, 11, 32))
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    y.square().sum().backward()
+    for parameter in module.parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    assert "heads=2" in repr(module)
+
+
+def test_module_rejects_bad_heads():
+    with pytest.raises(ValueError, match="heads"):
+        sk.nn.GuidanceAttention(30, heads=4)
+
+
+# Bad inputs: every message must name the argument at fault.
+def _good(dtype=torch.float32):
+    return {"q": torch.randn(2, 2, 5, 16, dtype=dtype), "k": torch.randn(2, 2, 7, 16, dtype=dtype),
+            "v": torch.randn(2, 2, 7, 16, dtype=dtype), "k_global": torch.randn(2, 2, 3, 16, dtype=dtype),
+            "v_global": torch.randn(2, 2, 3, 16, dtype=dtype), "window": 1}
+
+
+BAD_INPUTS = [
+    ("q rank", {"q": torch.randn(2, 5, 16)}, ValueError, "q"),
+    ("window below -1", {"window": -2}, ValueError, "window"),
+    ("window not an int", {"window": 1.5}, ValueError, "window"),
+    ("k heads", {"k": torch.randn(2, 3, 7, 16)}, ValueError, "k"),
+    ("k head dim", {"k": torch.randn(2, 2, 7, 8)}, ValueError, "k"),
+    ("v batch", {"v": torch.randn(1, 2, 7, 16)}, ValueError, "v"),
+    ("v length differs from k", {"v": torch.randn(2, 2, 6, 16)}, ValueError, "v"),
+    ("k_global without v_global", {"v_global": None}, ValueError, "v_global"),
+    ("v_global without k_global", {"k_global": None}, ValueError, "k_global"),
+    ("v_global tokens differ", {"v_global": torch.randn(2, 2, 4, 16)}, ValueError, "v_global"),
+    ("k_global head dim", {"k_global": torch.randn(2, 2, 3, 8)}, ValueError, "k_global"),
+    ("Lk = 0 without globals", {"k": torch.randn(2, 2, 0, 16), "v": torch.randn(2, 2, 0, 16), "k_global": None,
+                                "v_global": None}, ValueError, "Lk = 0"),
+    ("dtype mix", {"v": torch.randn(2, 2, 7, 16, dtype=torch.float64)}, ValueError, "v"),
+    ("integer q", {"q": torch.ones(2, 2, 5, 16, dtype=torch.int64)}, ValueError, "q"),
+    ("device mix", {"k_global": torch.randn(2, 2, 3, 16, device="meta")}, RuntimeError, "k_global"),
+    ("scale not a number", {"scale": "big"}, ValueError, "scale"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "name"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_names_the_argument(change, error, name):
+    kwargs = {**_good(), **change}
+    with pytest.raises(error, match=name):
+        sk.guidance_attention(**kwargs, backend="auto")
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        sk.guidance_attention(**_good(), backend="fortran")
+
+
+def test_backend_dtype_support_is_checked():
+    with pytest.raises(ValueError, match="float16"):
+        sk.guidance_attention(**_good(dtype=torch.float16), backend="cpu")
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    with pytest.raises(RuntimeError, match="cuda"):
+        sk.guidance_attention(**_good(), backend="cuda")
+
+
+@pytest.mark.skipif("triton" not in sk.backends(), reason="triton is not usable here")
+def test_triton_rejects_unsupported_head_dims():
+    kwargs = {name: (t[..., :12] if isinstance(t, torch.Tensor) else t) for name, t in _good().items()}
+    with pytest.raises(ValueError, match="head dim"):
+        sk.guidance_attention(**kwargs, backend="triton")
+
+
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+@pytest.mark.parametrize(("args", "name"), [
+    ((torch.randn(2, 2, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 6, 16), None, None, 1, 0.25), "v"),
+    ((torch.randn(2, 2, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 3, 16), None,
+      1, 0.25), "v_global"),
+    ((torch.randn(2, 2, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16), None, None, -3, 0.25), "window"),
+    ((torch.randn(2, 2, 5, 16), torch.randn(2, 2, 0, 16), torch.randn(2, 2, 0, 16), None, None, 1, 0.25), "Lk"),
+], ids=["v length", "v_global missing", "window", "no keys"])
+def test_cpp_op_checks_arguments_itself(args, name):
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.stepfusion.guidance_attention(*args)
+
+
+@NEEDS_GPU
+def test_large_inputs_use_64_bit_offsets():
+    # Element offsets past 2^31 are reached at the last rows of a (1, 1, L, 128) tensor with L > 2^24.
+    length, window = (1 << 24) + 33, 2
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 1, length, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+               for _ in range(3))
+    tail = 16
+    for backend in [b for b in ("cuda", "triton") if b in sk.backends()]:
+        out = sk.guidance_attention(q, k, v, window=window, backend=backend)
+        # Lq == Lk, so the last `tail` queries and keys keep their alignment; the first `window` rows of
+        # the slice miss keys before it and are not compared.
+        expected = python_ref.guidance_attention(q[:, :, -tail:].double(), k[:, :, -tail:].double(),
+                                                 v[:, :, -tail:].double(), window=window)
+        torch.testing.assert_close(out[:, :, -tail + window:].double(), expected[:, :, window:], rtol=2e-2,
+                                   atol=2e-2)
+        del out
