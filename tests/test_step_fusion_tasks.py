@@ -57,6 +57,9 @@ def test_ett_splits_on_etth1():
     np.testing.assert_allclose(train_set.values.numpy().mean(axis=0), 0, atol=1e-4)
     np.testing.assert_allclose(train_set.values.numpy().std(axis=0), 1, atol=1e-4)
     history, calendar, future = validation[0]
+    strided = ett.load_splits(os.path.join(DATA, "ett", "ETTh1.csv"), 96, 96, eval_stride=10)[0]
+    assert (len(strided[0]), len(strided[1]), len(strided[2])) == (8449, 279, 279)
+    torch.testing.assert_close(strided[2][5][2], test[50][2])
     assert history.shape == (96, 7) and calendar.shape == (96, 4) and future.shape == (96, 7)
     torch.testing.assert_close(history, validation.values[:96])
     torch.testing.assert_close(validation.values[:96], torch.from_numpy(
@@ -65,9 +68,9 @@ def test_ett_splits_on_etth1():
 
 def test_ett_forecaster_is_equivariant_to_a_level_shift():
     # RevIN: adding c to the whole history adds c to the forecast, whatever the weights.
-    config = StepFusionConfig(in_a=8, in_b=5, max_len_a=3, max_len_b=16, head="forecast", horizon=6, out_vars=1,
-                              skip_len=16, dim=8, heads=2, steps=1, dropout=0.0, backend="cpu")
-    model = ett.ChannelIndependentForecaster(config, 16, 8, 4).eval()
+    config = StepFusionConfig(in_a=3 * 8, in_b=3 + 4, max_len_a=3, max_len_b=16, head="forecast", horizon=6,
+                              out_vars=3, skip_len=16, dim=8, heads=2, steps=1, dropout=0.0, backend="cpu")
+    model = ett.RevinForecaster(config, 8, 4).eval()
     history, calendar = torch.randn(2, 16, 3), torch.rand(2, 16, 4) - 0.5
     forecast = model(history, calendar)
     assert forecast.shape == (2, 6, 3)
@@ -122,7 +125,7 @@ def _synthetic_setup(seed):
 def _ddp_worker(rank, world_size, port, out):
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = train(_synthetic_setup(seed=rank), TrainingOptions(epochs=2, batch_size=8, out=out, progress=False))
+    result = train(_synthetic_setup(seed=rank), TrainingOptions(epochs=1, batch_size=8, out=out, progress=False))
     torch.save(result.last_state, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -135,7 +138,7 @@ def test_ddp_two_gloo_processes_end_with_the_same_weights(tmp_path):
         torch.testing.assert_close(ranks[1][name], value, rtol=0, atol=0)
     assert any(not torch.equal(initial[name], value) for name, value in ranks[0].items())
     report = json.loads((tmp_path / "metrics.json").read_text())
-    assert report["world_size"] == 2 and report["steps"] == 2 * 3  # 48 / 2 ranks / batch 8 = 3 per epoch
+    assert report["world_size"] == 2 and report["steps"] == 3  # 48 samples / 2 ranks / batch 8
 
 
 def _run_cli(task, out, *extra):
@@ -147,9 +150,9 @@ def _run_cli(task, out, *extra):
 
 @needs_data
 def test_cli_ett_end_to_end(tmp_path, capsys):
-    report = _run_cli("ett", tmp_path, "--epochs", "1", "--max-steps", "3", "--batch-size", "4")
+    report = _run_cli("ett", tmp_path, "--epochs", "1", "--max-steps", "3", "--batch-size", "4", "--eval-stride", "100")
     assert report["steps"] == 3 and set(report["test"]) == {"mse", "mae"}
-    assert report["setup"]["windows"] == [8449, 2785, 2785]
+    assert report["setup"]["windows"] == [8449, 28, 28]
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ett test: mse=")
 
 

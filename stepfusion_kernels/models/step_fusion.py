@@ -41,7 +41,8 @@ class StepFusionConfig:
     eps: float = 1e-5
     horizon: int = 0               # forecast head: steps ahead
     out_vars: int = 1              # forecast head: variables predicted per step
-    skip_len: int = 0              # forecast head: length of a raw input window also fed to the linear map
+    skip_len: int = 0              # forecast head: length of a raw window mapped to the horizon, one shared
+                                   # linear map per variable, added to the fused-A forecast (0: none)
     num_classes: int = 0           # classification head
     classifier_hidden: int = 64    # classification MLP hidden width
     backend: str = "auto"          # passed through to the ops
@@ -111,8 +112,9 @@ class FusionStep(nn.Module):
 
 class StepFusionNet(nn.Module):
     """forward(a (B, La, in_a), b (B, Lb, in_b), skip=None) ->
-        forecast head: (B, horizon, out_vars), a linear map of the fused A tokens (and of `skip`, a raw
-                       (B, skip_len, out_vars) input window, when config.skip_len > 0);
+        forecast head: (B, horizon, out_vars), a linear map of the fused A tokens, plus, when
+                       config.skip_len > 0, a linear map of `skip`, a raw (B, skip_len, out_vars) input
+                       window, shared by the variables (the RLinear forecaster as a starting point);
         classify head: (B, num_classes) logits of an MLP on the time-pooled fused A and B, concatenated."""
 
     def __init__(self, config):
@@ -126,8 +128,8 @@ class StepFusionNet(nn.Module):
         else:
             self.steps = nn.ModuleList([FusionStep(config) for _ in range(config.steps)])
         if config.head == "forecast":
-            features = config.max_len_a * config.dim + config.skip_len * config.out_vars
-            self.forecast = nn.Linear(features, config.horizon * config.out_vars)
+            self.forecast = nn.Linear(config.max_len_a * config.dim, config.horizon * config.out_vars)
+            self.skip = nn.Linear(config.skip_len, config.horizon) if config.skip_len else None
         else:
             self.classifier = nn.Sequential(
                 nn.Linear(2 * config.dim, config.classifier_hidden), nn.GELU(), nn.Dropout(config.dropout),
@@ -146,13 +148,13 @@ class StepFusionNet(nn.Module):
         if a.shape[1] != self.config.max_len_a:
             raise ValueError(f"the forecast head maps exactly max_len_a={self.config.max_len_a} A positions, "
                              f"got {a.shape[1]}")
-        features = a.flatten(1)
-        if self.config.skip_len:
-            if skip is None or skip.shape[1:] != (self.config.skip_len, self.config.out_vars):
-                raise ValueError(f"skip must be (B, {self.config.skip_len}, {self.config.out_vars}), got "
-                                 f"{None if skip is None else tuple(skip.shape)}")
-            features = torch.cat([features, skip.flatten(1)], dim=-1)
-        return self.forecast(features).view(a.shape[0], self.config.horizon, self.config.out_vars)
+        forecast = self.forecast(a.flatten(1)).view(a.shape[0], self.config.horizon, self.config.out_vars)
+        if self.skip is None:
+            return forecast
+        if skip is None or skip.shape[1:] != (self.config.skip_len, self.config.out_vars):
+            raise ValueError(f"skip must be (B, {self.config.skip_len}, {self.config.out_vars}), got "
+                             f"{None if skip is None else tuple(skip.shape)}")
+        return forecast + self.skip(skip.transpose(1, 2)).transpose(1, 2)
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())

@@ -91,7 +91,7 @@ def predict_split(setup, model, dataset, options, device):
     predictions, targets = [], []
     for batch in DataLoader(dataset, batch_size=options.eval_batch_size, shuffle=False):
         prediction, target = setup.predict(model, [t.to(device) for t in batch])
-        predictions.append(prediction.float().cpu().numpy())
+        predictions.append((prediction.float() if prediction.is_floating_point() else prediction).cpu().numpy())
         targets.append(target.cpu().numpy())
     return np.concatenate(predictions), np.concatenate(targets)
 
