@@ -160,7 +160,8 @@ def test_cli_ett_end_to_end(tmp_path, capsys):
 def test_cli_ecg5000_end_to_end(tmp_path, capsys):
     report = _run_cli("ecg5000", tmp_path, "--epochs", "1", "--max-steps", "2", "--batch-size", "8")
     assert report["steps"] == 2 and 0 <= report["test"]["accuracy"] <= 1
-    assert report["setup"]["sizes"] == [400, 100, 4500]
+    # Validation: floor(20%) of each class (292, 177, 10, 19, 2 beats) = 58 + 35 + 2 + 3 + 0.
+    assert report["setup"]["sizes"] == [402, 98, 4500]
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ecg5000 test: accuracy=")
 
 

@@ -80,7 +80,9 @@ def distributed_context(device):
 
 def _device_for_rank(device, world_size):
     if device == "cuda" and world_size > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local)  # NCCL's collectives run on the current device
+        return local
     return torch.device(device)
 
 
@@ -108,7 +110,10 @@ def train(setup, options):
     device = _device_for_rank(options.device, world_size)
     torch.manual_seed(options.seed)
     model = setup.model.to(device)
-    trained = DistributedDataParallel(model) if world_size > 1 else model
+    if world_size > 1:
+        trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    else:
+        trained = model
     sampler = (DistributedSampler(setup.train, num_replicas=world_size, rank=rank, shuffle=True, seed=options.seed)
                if world_size > 1 else None)
     loader = DataLoader(setup.train, batch_size=options.batch_size, shuffle=sampler is None, sampler=sampler,
