@@ -1,20 +1,27 @@
-"""pytest-benchmark timings of `guidance_attention` on the CPU, on the workloads of
-stepfusion_kernels/bench/guidance_attention.py. Run: python -m pytest benchmarks/bench_guidance_attention.py"""
+"""guidance_attention benchmarks. With pytest (CPU, pytest-benchmark):
+    python -m pytest benchmarks/bench_guidance_attention.py
+As a script, for whatever device is present (GPU: triton.testing.do_bench, median; prints the table):
+    python benchmarks/bench_guidance_attention.py"""
 
 import pytest
+import torch
 
-from stepfusion_kernels.bench._harness import EAGER, FORWARD, FORWARD_BACKWARD, make_runner
-from stepfusion_kernels.bench.guidance_attention import cases
+from stepfusion_kernels.bench import guidance_attention as workloads
+from stepfusion_kernels.bench._harness import make_runner
 
-CASES = cases("cpu")
-CONTENDERS = [EAGER, "sdpa", "cpu"]
+CPU_CASES = [case for case in workloads.cases("cpu") if case.dtype == torch.float32]
+PARAMS = [pytest.param(case, contender, mode, id=f"{case.label}-{mode}-{contender}".replace(" ", "-"))
+          for case in CPU_CASES for mode in case.modes for contender in case.contenders]
 
 
-@pytest.mark.parametrize("mode", [FORWARD, FORWARD_BACKWARD])
-@pytest.mark.parametrize("contender", CONTENDERS)
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.label.replace(" ", "-"))
+@pytest.mark.parametrize(("case", "contender", "mode"), PARAMS)
 def test_guidance_attention(benchmark, case, contender, mode):
-    if contender not in case.contenders:
-        pytest.skip(f"{contender} is not a contender here (the extension is not built, or L is too long)")
-    benchmark.group = f"guidance_attention {case.label} {mode}"
-    benchmark(make_runner(case, contender, mode))
+    runner = make_runner(case, contender, mode)
+    runner()  # warm-up: torch.compile compiles here, outside the timed rounds
+    benchmark(runner)
+
+
+if __name__ == "__main__":
+    from stepfusion_kernels.bench import main
+
+    main(["--ops", "guidance_attention"])

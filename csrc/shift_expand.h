@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace stepfusion {
 
 struct ShiftExpandShape {
@@ -42,6 +44,21 @@ inline ShiftExpandShape check_shift_expand(const at::Tensor& x, const std::optio
   check_optional(weight, "weight", x, {shape.dim});
   check_optional(bias, "bias", x, {shape.dim});
   return shape;
+}
+
+// The backward's own inputs: grad_y like x, and the forward's row statistics (B, L) of `stat_type`.
+inline void check_shift_expand_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+                                        const at::Tensor& rstd, at::ScalarType stat_type) {
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+              "shift_expand_backward: grad_y must match x in shape, dtype and device, got ", grad_y.sizes(), " ",
+              grad_y.scalar_type(), " on ", grad_y.device());
+  const std::vector<int64_t> stat_shape{x.size(0), x.size(1)};
+  for (const at::Tensor* stat : {&mean, &rstd}) {
+    TORCH_CHECK(stat->sizes() == stat_shape && stat->scalar_type() == stat_type && stat->device() == x.device(),
+                "shift_expand_backward: mean and rstd must be ", stat_type, " of shape ", at::IntArrayRef(stat_shape),
+                " on ", x.device(), ", got ", stat->scalar_type(), " of shape ", stat->sizes(), " on ",
+                stat->device());
+  }
 }
 
 // A contiguous copy of an optional argument (or an undefined tensor when it is absent).

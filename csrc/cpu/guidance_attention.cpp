@@ -1,7 +1,8 @@
 // guidance_attention on the CPU, flash-attention style: programs own a block of kQueryBlock queries of
 // one (batch, head), walk only the key tiles that intersect the band of the block (then the global
 // tokens as one more tile), keep a running max / sum per row (online softmax) and never build the
-// (Lq, Lk) score matrix. Inside a tile each row visits exactly its own allowed keys.
+// (Lq, Lk) score matrix. Dot products are computed tile-wide against a transposed tile (vector FMAs, no
+// horizontal sums); the softmax and the gradients then take exactly each row's allowed keys.
 // The backward recomputes the probabilities from the saved row logsumexp: one pass over query blocks
 // for dq (and per-block partials of the global gradients, added afterwards in a fixed order), one pass
 // over key blocks for dk and dv that visits the queries whose band reaches the block. No thread ever
@@ -28,16 +29,34 @@ using at::vec::Vectorized;
 constexpr int64_t kQueryBlock = 32;
 constexpr int64_t kKeyTile = 64;
 
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t dim) {
+// out[r] = <row, column r of tile_t> for r < kWidth. tile_t is the transpose of kWidth rows (dim x kWidth,
+// zero-padded), so the products broadcast one element of `row` against whole vectors of the tile: no
+// horizontal reduction per pair, and kWidth / Vec::size() independent accumulators.
+template <typename acc_t, int64_t kWidth>
+inline void row_times_tile(const acc_t* row, const acc_t* tile_t, int64_t dim, acc_t* out) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t width = Vec::size();
-  Vec sum(acc_t(0));
-  int64_t d = 0;
-  for (; d + width <= dim; d += width) sum = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), sum);
-  acc_t total = at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return x + y; }, sum);
-  for (; d < dim; ++d) total += a[d] * b[d];
-  return total;
+  constexpr int64_t kVectors = kWidth / Vec::size();
+  static_assert(kWidth % Vec::size() == 0, "tile width must be a whole number of vectors");
+  Vec sums[kVectors];
+  for (int64_t c = 0; c < kVectors; ++c) sums[c] = Vec(acc_t(0));
+  for (int64_t d = 0; d < dim; ++d) {
+    const Vec element(row[d]);
+    const acc_t* tile_row = tile_t + d * kWidth;
+    for (int64_t c = 0; c < kVectors; ++c) {
+      sums[c] = at::vec::fmadd(element, Vec::loadu(tile_row + c * Vec::size()), sums[c]);
+    }
+  }
+  for (int64_t c = 0; c < kVectors; ++c) sums[c].store(out + c * Vec::size());
+}
+
+// tile_t[d][r] = rows[r][d] for r < count, 0 for count <= r < kWidth.
+template <typename acc_t, int64_t kWidth>
+inline void transpose_rows(const acc_t* rows, int64_t count, int64_t dim, acc_t* tile_t) {
+  for (int64_t d = 0; d < dim; ++d) {
+    acc_t* tile_row = tile_t + d * kWidth;
+    for (int64_t r = 0; r < count; ++r) tile_row[r] = rows[r * dim + d];
+    std::fill(tile_row + count, tile_row + kWidth, acc_t(0));
+  }
 }
 
 // y += alpha * x
@@ -130,27 +149,41 @@ struct RowState {
   std::vector<acc_t> acc;  // rows x dim: sum_j exp(s_j - max) v_j
 };
 
-// Folds the keys [first, last) of one row into its running softmax; key(j) and value(j) give the rows.
-template <typename acc_t, typename KeyRow, typename ValueRow>
-inline void fold_keys(const acc_t* q_row, int64_t first, int64_t last, KeyRow key, ValueRow value, acc_t scale,
-                      int64_t dim, acc_t* scores, acc_t& row_max, acc_t& row_sum, acc_t* acc) {
-  if (first >= last) return;
+// Folds `count` keys into a row's running softmax, given their dot products with the row and their
+// value rows (contiguous, `dim` apart).
+template <typename acc_t>
+inline void fold_scores(const acc_t* dots, int64_t count, const acc_t* values, acc_t scale, int64_t dim,
+                        acc_t* weights, acc_t& row_max, acc_t& row_sum, acc_t* acc) {
+  using Vec = Vectorized<acc_t>;
+  if (count <= 0) return;
   acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = first; j < last; ++j) {
-    scores[j - first] = scale * dot(q_row, key(j), dim);
-    tile_max = std::max(tile_max, scores[j - first]);
-  }
+  for (int64_t j = 0; j < count; ++j) tile_max = std::max(tile_max, scale * dots[j]);
   const acc_t new_max = std::max(row_max, tile_max);
   const acc_t correction = std::exp(row_max - new_max);  // exp(-inf) = 0 on the first tile
+  at::vec::map([scale, new_max](Vec x) { return (x * Vec(scale) - Vec(new_max)).exp(); }, weights, dots, count);
   row_sum *= correction;
   scale_row(correction, acc, dim);
-  for (int64_t j = first; j < last; ++j) {
-    const acc_t p = std::exp(scores[j - first] - new_max);
-    row_sum += p;
-    axpy(p, value(j), acc, dim);
+  for (int64_t j = 0; j < count; ++j) {
+    row_sum += weights[j];
+    axpy(weights[j], values + j * dim, acc, dim);
   }
   row_max = new_max;
 }
+
+// Scratch of one thread: transposed tiles and per-row products.
+template <typename acc_t>
+struct TileScratch {
+  explicit TileScratch(int64_t dim)
+      : first_t(dim * kKeyTile), second_t(dim * kKeyTile), dots(kKeyTile), more_dots(kKeyTile),
+        weights(kKeyTile), row_lse(kKeyTile), row_delta(kKeyTile) {}
+  std::vector<acc_t> first_t;   // dim x kKeyTile
+  std::vector<acc_t> second_t;  // dim x kKeyTile
+  std::vector<acc_t> dots;
+  std::vector<acc_t> more_dots;
+  std::vector<acc_t> weights;
+  std::vector<acc_t> row_lse;    // one row's lse and delta, repeated (the backward's vector operands)
+  std::vector<acc_t> row_delta;
+};
 
 template <typename acc_t>
 void forward_kernel(const Operands<acc_t>& op, acc_t* out, acc_t* lse) {
@@ -159,7 +192,7 @@ void forward_kernel(const Operands<acc_t>& op, acc_t* out, acc_t* lse) {
   const int64_t blocks = num_query_blocks(shape);
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
     RowState<acc_t> state(kQueryBlock, dim);
-    std::vector<acc_t> scores(std::max(kKeyTile, shape.globals));
+    TileScratch<acc_t> scratch(dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks;
       const int64_t q_begin = (task % blocks) * kQueryBlock;
@@ -167,29 +200,34 @@ void forward_kernel(const Operands<acc_t>& op, acc_t* out, acc_t* lse) {
       std::fill(state.max.begin(), state.max.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(state.sum.begin(), state.sum.end(), acc_t(0));
       std::fill(state.acc.begin(), state.acc.end(), acc_t(0));
-      auto key = [&](int64_t j) { return op.k_row(bh, j); };
-      auto value = [&](int64_t j) { return op.v_row(bh, j); };
+      // Folds the tile of `count` keys whose transpose is in scratch.first_t into every row, each row
+      // restricted to its keys [first, last) of the tile (offsets from the tile start).
+      auto fold_tile = [&](const acc_t* values, auto row_span) {
+        for (int64_t i = q_begin; i < q_end; ++i) {
+          const int64_t r = i - q_begin;
+          const auto [first, last] = row_span(i);
+          if (first >= last) continue;
+          row_times_tile<acc_t, kKeyTile>(op.q_row(bh, i), scratch.first_t.data(), dim, scratch.dots.data());
+          fold_scores(scratch.dots.data() + first, last - first, values + first * dim, op.scale, dim,
+                      scratch.weights.data(), state.max[r], state.sum[r], state.acc.data() + r * dim);
+        }
+      };
       if (shape.len_k > 0) {
         // Key tiles aligned to kKeyTile, from the first to the last key the block's band reaches.
         const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
         for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
           const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
-          for (int64_t i = q_begin; i < q_end; ++i) {
-            const int64_t r = i - q_begin;
+          transpose_rows<acc_t, kKeyTile>(op.k_row(bh, tile), tile_end - tile, dim, scratch.first_t.data());
+          fold_tile(op.v_row(bh, tile), [&](int64_t i) {
             const auto [first, last] = op.row_keys(i, tile, tile_end);
-            fold_keys(op.q_row(bh, i), first, last, key, value, op.scale, dim, scores.data(), state.max[r],
-                      state.sum[r], state.acc.data() + r * dim);
-          }
+            return std::pair<int64_t, int64_t>{first - tile, last - tile};
+          });
         }
       }
-      if (shape.globals > 0) {
-        auto global_key = [&](int64_t g) { return op.kg_row(bh, g); };
-        auto global_value = [&](int64_t g) { return op.vg_row(bh, g); };
-        for (int64_t i = q_begin; i < q_end; ++i) {
-          const int64_t r = i - q_begin;
-          fold_keys(op.q_row(bh, i), int64_t(0), shape.globals, global_key, global_value, op.scale, dim,
-                    scores.data(), state.max[r], state.sum[r], state.acc.data() + r * dim);
-        }
+      for (int64_t chunk = 0; chunk < shape.globals; chunk += kKeyTile) {
+        const int64_t count = std::min(kKeyTile, shape.globals - chunk);
+        transpose_rows<acc_t, kKeyTile>(op.kg_row(bh, chunk), count, dim, scratch.first_t.data());
+        fold_tile(op.vg_row(bh, chunk), [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; });
       }
       for (int64_t i = q_begin; i < q_end; ++i) {
         const int64_t r = i - q_begin;
@@ -223,19 +261,15 @@ std::tuple<at::Tensor, at::Tensor> guidance_attention_cpu(const at::Tensor& q, c
   return {out.to(q.scalar_type()), lse};
 }
 
-// Backward of one (query row, key) pair, recomputed from the saved lse: p = exp(s - lse) and
-// ds = p (dO . v - delta), the gradient of the unscaled score q . k is scale * ds.
+// The backward of `count` (query, key) pairs from their dot products q.k and dO.v, recomputed from the
+// saved lse: p = exp(scale q.k - lse), ds = p (dO.v - delta); the gradient of q.k is scale * ds. lse and
+// delta come as vectors (one per pair); ds overwrites q_dot_k, which is not needed past p.
 template <typename acc_t>
-struct PairGrad {
-  acc_t p;
-  acc_t ds;
-};
-
-template <typename acc_t>
-inline PairGrad<acc_t> pair_grad(const acc_t* q_row, const acc_t* grad_out_row, const acc_t* key, const acc_t* value,
-                                 acc_t scale, acc_t row_lse, acc_t row_delta, int64_t dim) {
-  const acc_t p = std::exp(scale * dot(q_row, key, dim) - row_lse);
-  return {p, p * (dot(grad_out_row, value, dim) - row_delta)};
+inline void pair_grads(acc_t* q_dot_k, const acc_t* dout_dot_v, const acc_t* lse, const acc_t* delta, acc_t scale,
+                       int64_t count, acc_t* p) {
+  using Vec = Vectorized<acc_t>;
+  at::vec::map2([scale](Vec dot, Vec l) { return (dot * Vec(scale) - l).exp(); }, p, q_dot_k, lse, count);
+  at::vec::map3([](Vec pv, Vec dp, Vec dl) { return pv * (dp - dl); }, q_dot_k, p, dout_dot_v, delta, count);
 }
 
 template <typename acc_t>
@@ -245,36 +279,66 @@ void backward_query_kernel(const Operands<acc_t>& op, const acc_t* grad_out, con
   const int64_t dim = shape.head_dim;
   const int64_t blocks = num_query_blocks(shape);
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    TileScratch<acc_t> scratch(dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks;
       const int64_t q_begin = (task % blocks) * kQueryBlock;
       const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
-      // This block's share of grad_k_global then grad_v_global, (2, G, Dh).
-      acc_t* partial = global_partial == nullptr ? nullptr : global_partial + task * 2 * shape.globals * dim;
-      if (partial != nullptr) std::fill(partial, partial + 2 * shape.globals * dim, acc_t(0));
-      for (int64_t i = q_begin; i < q_end; ++i) {
-        const int64_t row = bh * shape.len_q + i;
-        const acc_t* q_row = op.q_row(bh, i);
-        const acc_t* dout_row = grad_out + row * dim;
-        acc_t* dq_row = grad_q + row * dim;
-        std::fill(dq_row, dq_row + dim, acc_t(0));
-        if (shape.len_k > 0) {
-          const auto [first, last] = op.row_keys(i, 0, shape.len_k);
-          for (int64_t j = first; j < last; ++j) {
-            const PairGrad<acc_t> g =
-                pair_grad(q_row, dout_row, op.k_row(bh, j), op.v_row(bh, j), op.scale, lse[row], delta[row], dim);
-            axpy(g.ds, op.k_row(bh, j), dq_row, dim);
+      std::fill(grad_q + (bh * shape.len_q + q_begin) * dim, grad_q + (bh * shape.len_q + q_end) * dim, acc_t(0));
+      // The tile of keys whose transposes are in scratch (keys in first_t, values in second_t), for every
+      // row restricted to its span; pair(i, t, p, ds) receives the pair of query i and key t of the tile.
+      auto visit_tile = [&](const acc_t* keys, auto row_span, auto pair) {
+        for (int64_t i = q_begin; i < q_end; ++i) {
+          const auto [first, last] = row_span(i);
+          if (first >= last) continue;
+          const int64_t row = bh * shape.len_q + i;
+          row_times_tile<acc_t, kKeyTile>(op.q_row(bh, i), scratch.first_t.data(), dim, scratch.dots.data());
+          row_times_tile<acc_t, kKeyTile>(grad_out + row * dim, scratch.second_t.data(), dim,
+                                          scratch.more_dots.data());
+          acc_t* dq_row = grad_q + row * dim;
+          const int64_t count = last - first;
+          std::fill(scratch.row_lse.begin(), scratch.row_lse.begin() + count, lse[row]);
+          std::fill(scratch.row_delta.begin(), scratch.row_delta.begin() + count, delta[row]);
+          acc_t* ds = scratch.dots.data() + first;
+          const acc_t* p = scratch.weights.data();
+          pair_grads(ds, scratch.more_dots.data() + first, scratch.row_lse.data(), scratch.row_delta.data(), op.scale,
+                     count, scratch.weights.data());
+          for (int64_t t = first; t < last; ++t) {
+            axpy(ds[t - first], keys + t * dim, dq_row, dim);
+            pair(i, t, p[t - first], ds[t - first]);
           }
         }
-        for (int64_t t = 0; t < shape.globals; ++t) {
-          const PairGrad<acc_t> g =
-              pair_grad(q_row, dout_row, op.kg_row(bh, t), op.vg_row(bh, t), op.scale, lse[row], delta[row], dim);
-          axpy(g.ds, op.kg_row(bh, t), dq_row, dim);
-          axpy(g.ds * op.scale, q_row, partial + t * dim, dim);
-          axpy(g.p, dout_row, partial + (shape.globals + t) * dim, dim);
+      };
+      if (shape.len_k > 0) {
+        const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
+        for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
+          const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
+          transpose_rows<acc_t, kKeyTile>(op.k_row(bh, tile), tile_end - tile, dim, scratch.first_t.data());
+          transpose_rows<acc_t, kKeyTile>(op.v_row(bh, tile), tile_end - tile, dim, scratch.second_t.data());
+          visit_tile(
+              op.k_row(bh, tile),
+              [&](int64_t i) {
+                const auto [first, last] = op.row_keys(i, tile, tile_end);
+                return std::pair<int64_t, int64_t>{first - tile, last - tile};
+              },
+              [](int64_t, int64_t, acc_t, acc_t) {});
         }
-        scale_row(op.scale, dq_row, dim);
       }
+      // This block's share of grad_k_global then grad_v_global, (2, G, Dh).
+      acc_t* partial = global_partial == nullptr ? nullptr : global_partial + task * 2 * shape.globals * dim;
+      for (int64_t chunk = 0; chunk < shape.globals; chunk += kKeyTile) {
+        const int64_t count = std::min(kKeyTile, shape.globals - chunk);
+        transpose_rows<acc_t, kKeyTile>(op.kg_row(bh, chunk), count, dim, scratch.first_t.data());
+        transpose_rows<acc_t, kKeyTile>(op.vg_row(bh, chunk), count, dim, scratch.second_t.data());
+        visit_tile(
+            op.kg_row(bh, chunk), [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; },
+            [&](int64_t i, int64_t t, acc_t p, acc_t ds) {
+              const int64_t row = bh * shape.len_q + i;
+              axpy(ds * op.scale, op.q_row(bh, i), partial + (chunk + t) * dim, dim);
+              axpy(p, grad_out + row * dim, partial + (shape.globals + chunk + t) * dim, dim);
+            });
+      }
+      for (int64_t i = q_begin; i < q_end; ++i) scale_row(op.scale, grad_q + (bh * shape.len_q + i) * dim, dim);
     }
   });
 }
@@ -286,25 +350,41 @@ void backward_key_kernel(const Operands<acc_t>& op, const acc_t* grad_out, const
   const int64_t dim = shape.head_dim;
   const int64_t blocks = (shape.len_k + kKeyTile - 1) / kKeyTile;
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    // Transposed query and grad_out tiles of kQueryBlock rows, and the products of one key with them.
+    std::vector<acc_t> q_t(dim * kQueryBlock), dout_t(dim * kQueryBlock), dots(kQueryBlock), more_dots(kQueryBlock),
+        weights(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks;
       const int64_t k_begin = (task % blocks) * kKeyTile;
       const int64_t k_end = std::min(shape.len_k, k_begin + kKeyTile);
       std::fill(grad_k + (bh * shape.len_k + k_begin) * dim, grad_k + (bh * shape.len_k + k_end) * dim, acc_t(0));
       std::fill(grad_v + (bh * shape.len_k + k_begin) * dim, grad_v + (bh * shape.len_k + k_end) * dim, acc_t(0));
-      // Only the queries whose band reaches this key block; each row sees its own keys of the block.
+      // Only the query tiles whose band reaches this key block; within a tile, each key visits exactly
+      // the queries that see it (an interval, by the monotone centres).
       const KeyRange queries = guidance_query_range(k_begin, k_end, shape.len_q, shape.len_k, op.window);
-      for (int64_t i = queries.first; i <= queries.last; ++i) {
-        const int64_t row = bh * shape.len_q + i;
-        const acc_t* q_row = op.q_row(bh, i);
-        const acc_t* dout_row = grad_out + row * dim;
-        const auto [first, last] = op.row_keys(i, k_begin, k_end);
-        for (int64_t j = first; j < last; ++j) {
-          const PairGrad<acc_t> g =
-              pair_grad(q_row, dout_row, op.k_row(bh, j), op.v_row(bh, j), op.scale, lse[row], delta[row], dim);
-          const int64_t key_row = bh * shape.len_k + j;
-          axpy(g.ds * op.scale, q_row, grad_k + key_row * dim, dim);
-          axpy(g.p, dout_row, grad_v + key_row * dim, dim);
+      if (queries.first > queries.last) continue;
+      for (int64_t tile = queries.first - queries.first % kQueryBlock; tile <= queries.last; tile += kQueryBlock) {
+        const int64_t tile_end = std::min(shape.len_q, tile + kQueryBlock);
+        const int64_t first_row = bh * shape.len_q + tile;
+        transpose_rows<acc_t, kQueryBlock>(op.q_row(bh, tile), tile_end - tile, dim, q_t.data());
+        transpose_rows<acc_t, kQueryBlock>(grad_out + first_row * dim, tile_end - tile, dim, dout_t.data());
+        for (int64_t j = k_begin; j < k_end; ++j) {
+          const KeyRange seen_by = guidance_query_range(j, j + 1, shape.len_q, shape.len_k, op.window);
+          const int64_t first = std::max(seen_by.first, tile), last = std::min(seen_by.last + 1, tile_end);
+          if (first >= last) continue;
+          row_times_tile<acc_t, kQueryBlock>(op.k_row(bh, j), q_t.data(), dim, dots.data());
+          row_times_tile<acc_t, kQueryBlock>(op.v_row(bh, j), dout_t.data(), dim, more_dots.data());
+          acc_t* dk_row = grad_k + (bh * shape.len_k + j) * dim;
+          acc_t* dv_row = grad_v + (bh * shape.len_k + j) * dim;
+          const int64_t row_first = bh * shape.len_q + first;
+          acc_t* ds = dots.data() + (first - tile);
+          pair_grads(ds, more_dots.data() + (first - tile), lse + row_first, delta + row_first, op.scale,
+                     last - first, weights.data());
+          for (int64_t i = first; i < last; ++i) {
+            const int64_t row = bh * shape.len_q + i;
+            axpy(ds[i - first] * op.scale, op.q_row(bh, i), dk_row, dim);
+            axpy(weights[i - first], grad_out + row * dim, dv_row, dim);
+          }
         }
       }
     }

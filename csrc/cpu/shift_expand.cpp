@@ -258,14 +258,8 @@ shift_expand_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
   const ShiftExpandShape shape =
       check_shift_expand(x_in, scale_local, shift_local, scale_global, shift_global, gate, weight, bias);
   check_cpu_dtype(x_in);
-  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes() && grad_y_in.scalar_type() == x_in.scalar_type(),
-              "shift_expand_backward: grad_y must match x in shape and dtype, got ", grad_y_in.sizes(), " ",
-              grad_y_in.scalar_type());
   const at::ScalarType acc_type = acc_type_of(x_in.scalar_type());
-  const std::vector<int64_t> stat_shape{shape.batch, shape.length};
-  TORCH_CHECK(mean_in.sizes() == stat_shape && rstd_in.sizes() == stat_shape && mean_in.scalar_type() == acc_type &&
-                  rstd_in.scalar_type() == acc_type,
-              "shift_expand_backward: mean and rstd must be (B, L) of dtype ", acc_type);
+  check_shift_expand_backward(grad_y_in, x_in, mean_in, rstd_in, acc_type);
 
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad_y = grad_y_in.contiguous();

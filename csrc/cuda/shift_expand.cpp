@@ -136,17 +136,7 @@ shift_expand_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_in,
   const ShiftExpandShape shape =
       check_shift_expand(x_in, scale_local, shift_local, scale_global, shift_global, gate, weight, bias);
   check_cuda_input(x_in);
-  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes() && grad_y_in.scalar_type() == x_in.scalar_type() &&
-                  grad_y_in.device() == x_in.device(),
-              "shift_expand_backward: grad_y must match x in shape, dtype and device, got ", grad_y_in.sizes(), " ",
-              grad_y_in.scalar_type(), " on ", grad_y_in.device());
-  const std::vector<int64_t> stat_shape{shape.batch, shape.length};
-  for (const at::Tensor* stat : {&mean_in, &rstd_in}) {
-    TORCH_CHECK(stat->sizes() == stat_shape && stat->scalar_type() == at::kFloat && stat->device() == x_in.device(),
-                "shift_expand_backward: mean and rstd must be float32 of shape ", at::IntArrayRef(stat_shape),
-                " on ", x_in.device(), ", got ", stat->scalar_type(), " of shape ", stat->sizes(), " on ",
-                stat->device());
-  }
+  check_shift_expand_backward(grad_y_in, x_in, mean_in, rstd_in, at::kFloat);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const ContiguousArgs args =
       contiguous_args(x_in, scale_local, shift_local, scale_global, shift_global, gate, weight, bias);
