@@ -134,7 +134,8 @@ def train(setup, options):
         nonlocal best_value, best_step, best_validation
         metrics = setup.evaluate(*predict_split(setup, model, setup.validation, options, device))
         value = metrics[setup.selection]
-        improved = best_value is None or (value > best_value if setup.higher_is_better else value < best_value)
+        # Ties go to the later, longer-trained weights (accuracy on a small validation split plateaus).
+        improved = best_value is None or (value >= best_value if setup.higher_is_better else value <= best_value)
         history.append({"step": step, "train_loss": running_loss, **metrics})
         if improved:
             best_value, best_step, best_validation = value, step, metrics
