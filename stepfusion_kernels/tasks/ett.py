@@ -36,9 +36,9 @@ NAME = "ett"
 DEFAULT_DATA = os.path.join("ett", "ETTh1.csv")
 HORIZONS = (96, 192, 336, 720)
 REVIN_EPS = 1e-5
-MODEL_DEFAULTS = {"dim": 32, "heads": 4, "layers_a": 1, "layers_b": 1, "steps": 1, "window": 2,
+MODEL_DEFAULTS = {"dim": 16, "heads": 4, "layers_a": 1, "layers_b": 1, "steps": 1, "window": 2,
                   "global_tokens": 2, "dropout": 0.1, "gate_init": 0.1}
-TRAINING_DEFAULTS = {"epochs": 10, "batch_size": 32, "lr": 5e-4}
+TRAINING_DEFAULTS = {"epochs": 2, "batch_size": 32, "lr": 1e-3}
 
 
 class EttWindows(Dataset):
