@@ -1,0 +1,65 @@
+"""Pieces the classification tasks share: a stratified split, the loss/predict/evaluate functions and the
+confusion-matrix PNG."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from . import metrics  # noqa: E402
+
+
+def stratified_split(labels, fractions, seed):
+    """Index arrays, one per fraction (which must sum to 1), each class divided in those proportions
+    after a seeded shuffle; rounding leftovers go to the first part, so a class too small to divide stays
+    there (with fractions (train, validation, test): in training)."""
+    if not np.isclose(sum(fractions), 1.0):
+        raise ValueError(f"fractions must sum to 1, got {fractions}")
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in fractions]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        sizes = [int(np.floor(f * len(members))) for f in fractions[1:]]
+        bounds = np.cumsum([len(members) - sum(sizes)] + sizes)
+        for part, chunk in zip(parts, np.split(members, bounds[:-1])):
+            part.extend(chunk.tolist())
+    return [np.sort(np.array(part, dtype=np.int64)) for part in parts]
+
+
+def classification_loss(model, batch):
+    a, b, labels = batch
+    return F.cross_entropy(model(a, b), labels)
+
+
+def classification_predict(model, batch):
+    a, b, labels = batch
+    return model(a, b).argmax(dim=-1), labels
+
+
+def classification_metrics(num_classes):
+    def evaluate(predicted, labels):
+        return {"accuracy": metrics.accuracy(labels, predicted),
+                "macro_f1": metrics.macro_f1(labels, predicted, num_classes)}
+    return evaluate
+
+
+def confusion_plot(class_names, title):
+    def plot(path, predicted, labels):
+        matrix = metrics.confusion_matrix(labels, predicted, len(class_names))
+        figure, axes = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
+        axes.imshow(matrix, cmap="Blues")
+        for row in range(len(class_names)):
+            for column in range(len(class_names)):
+                axes.text(column, row, str(matrix[row, column]), ha="center", va="center",
+                          color="white" if matrix[row, column] > matrix.max() / 2 else "black")
+        axes.set_xticks(range(len(class_names)), class_names)
+        axes.set_yticks(range(len(class_names)), class_names)
+        axes.set_xlabel("predicted")
+        axes.set_ylabel("true")
+        axes.set_title(f"{title}: accuracy {metrics.accuracy(labels, predicted):.4f}")
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+    return plot

@@ -1,0 +1,193 @@
+"""The training loop every task shares: AdamW with a cosine schedule, tqdm progress, validation after
+every epoch (and when the step budget runs out), the best-validation checkpoint kept on disk and
+restored for the test, metrics.json, a PNG and one printed line of test metrics.
+
+Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment) it trains with
+DistributedDataParallel: gloo on CPU, NCCL on CUDA, a DistributedSampler sharding each epoch, and
+rank 0 alone writing files and printing."""
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+CHECKPOINT = "best.pt"
+METRICS = "metrics.json"
+
+
+@dataclasses.dataclass
+class TaskSetup:
+    """What a task hands the loop. `loss(model, batch)` returns a scalar training loss; `predict(model,
+    batch)` returns (prediction, target) tensors whose concatenation over a split `evaluate(prediction,
+    target)` turns into a dict of metrics (numpy in, floats out); `plot(path, prediction, target)`
+    writes the task's PNG for the test split. The validation metric `selection` picks the checkpoint."""
+    name: str
+    model: torch.nn.Module
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+    loss: Callable
+    predict: Callable
+    evaluate: Callable
+    plot: Callable
+    selection: str
+    higher_is_better: bool
+    description: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TrainingOptions:
+    epochs: int = 10
+    max_steps: int = -1            # optimizer steps over all epochs; -1: no limit
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    eval_batch_size: int = 512
+    device: str = "cpu"
+    out: str = "runs/step_fusion"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    validation: dict
+    test: dict
+    best_step: int
+    steps: int
+    last_state: dict  # weights at the end of training, before the best checkpoint was restored
+
+
+def distributed_context(device):
+    """(rank, world_size) after joining the process group torchrun describes; (0, 1) without one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _device_for_rank(device, world_size):
+    if device == "cuda" and world_size > 1:
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local)  # NCCL's collectives run on the current device
+        return local
+    return torch.device(device)
+
+
+@torch.no_grad()
+def predict_split(setup, model, dataset, options, device):
+    """(prediction, target) numpy arrays over a whole split, in order."""
+    model.eval()
+    predictions, targets = [], []
+    for batch in DataLoader(dataset, batch_size=options.eval_batch_size, shuffle=False):
+        prediction, target = setup.predict(model, [t.to(device) for t in batch])
+        predictions.append((prediction.float() if prediction.is_floating_point() else prediction).cpu().numpy())
+        targets.append(target.cpu().numpy())
+    return np.concatenate(predictions), np.concatenate(targets)
+
+
+def _cosine_schedule(step, total, warmup):
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(setup, options):
+    rank, world_size = distributed_context(options.device)
+    device = _device_for_rank(options.device, world_size)
+    torch.manual_seed(options.seed)
+    model = setup.model.to(device)
+    if world_size > 1:
+        trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    else:
+        trained = model
+    sampler = (DistributedSampler(setup.train, num_replicas=world_size, rank=rank, shuffle=True, seed=options.seed)
+               if world_size > 1 else None)
+    loader = DataLoader(setup.train, batch_size=options.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=len(setup.train) // world_size > options.batch_size)
+    steps_per_epoch = len(loader)
+    total_steps = options.epochs * steps_per_epoch
+    if options.max_steps >= 0:
+        total_steps = min(total_steps, options.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _cosine_schedule(step, total_steps, options.warmup_steps))
+    os.makedirs(options.out, exist_ok=True)
+    checkpoint_path = os.path.join(options.out, CHECKPOINT)
+    best_value, best_step, best_validation, step = None, 0, {}, 0
+    history = []
+
+    def validate():
+        nonlocal best_value, best_step, best_validation
+        metrics = setup.evaluate(*predict_split(setup, model, setup.validation, options, device))
+        value = metrics[setup.selection]
+        # Ties go to the later, longer-trained weights (accuracy on a small validation split plateaus).
+        improved = best_value is None or (value >= best_value if setup.higher_is_better else value <= best_value)
+        history.append({"step": step, "train_loss": running_loss, **metrics})
+        if improved:
+            best_value, best_step, best_validation = value, step, metrics
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "config": _plain(getattr(model, "config", None)),
+                            "step": step, "validation": metrics, "task": setup.name}, checkpoint_path)
+        return metrics
+
+    running_loss = float("nan")
+    epoch = 0
+    while step < total_steps:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        trained.train()
+        bar = tqdm(loader, desc=f"{setup.name} epoch {epoch + 1}/{options.epochs}",
+                   disable=not options.progress or rank != 0, leave=False)
+        for batch in bar:
+            loss = setup.loss(trained, [t.to(device) for t in batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            running_loss = loss.item() if math.isnan(running_loss) else 0.95 * running_loss + 0.05 * loss.item()
+            bar.set_postfix(loss=f"{running_loss:.4f}", step=step)
+            if step >= total_steps:
+                break
+        bar.close()
+        metrics = validate()
+        if rank == 0 and options.progress:
+            tqdm.write(f"{setup.name} epoch {epoch + 1} step {step}: train loss {running_loss:.4f}, validation "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        epoch += 1
+    if total_steps == 0:
+        validate()
+    last_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if world_size > 1:
+        dist.barrier()  # rank 0 has written the best checkpoint before anyone reads it
+    model.load_state_dict(torch.load(checkpoint_path, map_location=device)["model"])
+    prediction, target = predict_split(setup, model, setup.test, options, device)
+    test = setup.evaluate(prediction, target)
+    if rank == 0:
+        setup.plot(os.path.join(options.out, f"{setup.name}.png"), prediction, target)
+        report = {"task": setup.name, "test": test, "validation": best_validation, "best_step": best_step,
+                  "steps": step, "world_size": world_size, "parameters": sum(p.numel() for p in model.parameters()),
+                  "options": dataclasses.asdict(options), "setup": setup.description,
+                  "config": _plain(getattr(model, "config", None)), "history": history}
+        with open(os.path.join(options.out, METRICS), "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"{setup.name} test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()), flush=True)
+    return TrainingResult(best_validation, test, best_step, step, last_state)
+
+
+def _plain(config):
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config

@@ -1,0 +1,78 @@
+"""stepfusion-train TASK [options]: train and evaluate StepFusionNet on one of the real-data tasks.
+
+    stepfusion-train ett --horizon 96 --epochs 10 --out runs/ett_h96
+    stepfusion-train ecg5000 --epochs 60 --out runs/ecg5000
+    stepfusion-train mitdb --data /path/to/mitdb --out runs/mitdb
+    torchrun --nproc_per_node=2 -m stepfusion_kernels.train ett --max-steps 100   # DistributedDataParallel
+
+--data is a file or directory (default: the task's folder under $STEPFUSION_DATA, which defaults to
+../shared/data next to the checkout). A run shows tqdm progress, keeps the best-validation checkpoint
+(best.pt), writes metrics.json and a PNG into --out, and ends by printing the test metrics on one line.
+Each task sets its own defaults for the model and training options; the flags override them."""
+
+import argparse
+import sys
+
+import torch
+
+from ._backend import BACKENDS
+from .tasks import TASKS
+from .tasks.training import TrainingOptions, train
+
+# Flag -> StepFusionConfig field, for the model options every task shares.
+MODEL_FLAGS = ("dim", "heads", "layers_a", "layers_b", "steps", "window", "global_tokens", "dropout",
+               "gate_init", "share_steps", "backend")
+
+
+def _add_common(parser):
+    parser.add_argument("--data", default=None, help="data file or directory (default: under $STEPFUSION_DATA)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: none)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="backend of the fusion ops")
+    parser.add_argument("--out", default=None, help="output directory (default: runs/TASK)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    model = parser.add_argument_group("model (StepFusionConfig)")
+    model.add_argument("--dim", type=int)
+    model.add_argument("--heads", type=int)
+    model.add_argument("--layers-a", type=int)
+    model.add_argument("--layers-b", type=int)
+    model.add_argument("--steps", type=int, help="K fusion steps (0: no fusion)")
+    model.add_argument("--window", type=int, help="guidance attention local half-width (-1: all keys)")
+    model.add_argument("--global-tokens", type=int)
+    model.add_argument("--dropout", type=float)
+    model.add_argument("--gate-init", type=float)
+    model.add_argument("--share-steps", action="store_true", help="every fusion step uses the same weights")
+
+
+def parser():
+    top = argparse.ArgumentParser(prog="stepfusion-train", description=__doc__.split("\n\n")[0])
+    tasks = top.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name, module in TASKS.items():
+        sub = tasks.add_parser(name, help=module.__doc__.split("\n")[0])
+        _add_common(sub)
+        module.add_arguments(sub)
+    return top
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    module = TASKS[args.task]
+    setup = module.build(args, {flag: getattr(args, flag) for flag in MODEL_FLAGS})
+    options = TrainingOptions(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                              weight_decay=args.weight_decay, device=args.device,
+                              out=args.out or f"runs/{args.task}", seed=args.seed, progress=not args.no_progress)
+    train(setup, options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The tasks around StepFusionNet: metrics against hand-computed values, the splits on the real shared
+files, the training loop under DistributedDataParallel (2 gloo processes), and the CLI end to end on a
+tiny budget."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from stepfusion_kernels import train as cli
+from stepfusion_kernels.data import data_root
+from stepfusion_kernels.models import StepFusionConfig, StepFusionNet
+from stepfusion_kernels.tasks import common, ecg5000, ett, metrics, mitdb
+from stepfusion_kernels.tasks.training import TaskSetup, TrainingOptions, train
+
+DATA = data_root()
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"shared data directory {DATA} is absent")
+TINY_MODEL = ["--dim", "8", "--heads", "2", "--steps", "1", "--backend", "cpu", "--no-progress", "--threads", "1"]
+
+
+def test_regression_metrics_by_hand():
+    prediction, target = np.array([[1.0, 2.0], [3.0, 5.0]]), np.array([[0.0, 2.0], [5.0, 4.0]])
+    assert metrics.mse(prediction, target) == pytest.approx((1 + 0 + 4 + 1) / 4)
+    assert metrics.mae(prediction, target) == pytest.approx((1 + 0 + 2 + 1) / 4)
+
+
+def test_classification_metrics_by_hand():
+    labels, predicted = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 1, 1, 0, 2])
+    assert metrics.confusion_matrix(labels, predicted, 4).tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0],
+                                                                       [0, 0, 0, 0]]
+    assert metrics.accuracy(labels, predicted) == pytest.approx(4 / 6)
+    # F1 per class: 0: 2*1/(2+2) = 0.5; 1: 2*2/(2+3) = 0.8; 2: 2*1/(2+1) = 2/3; class 3 absent from both.
+    assert metrics.macro_f1(labels, predicted, 4) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_stratified_split_keeps_class_proportions_and_tiny_classes_in_the_first_part():
+    labels = np.array([0] * 10 + [1] * 5 + [2])
+    train_part, validation, test = common.stratified_split(labels, (0.6, 0.2, 0.2), seed=0)
+    assert sorted(np.concatenate([train_part, validation, test]).tolist()) == list(range(16))
+    assert np.bincount(labels[validation], minlength=3).tolist() == [2, 1, 0]
+    assert np.bincount(labels[test], minlength=3).tolist() == [2, 1, 0]
+    assert np.bincount(labels[train_part], minlength=3).tolist() == [6, 3, 1]
+    with pytest.raises(ValueError, match="sum to 1"):
+        common.stratified_split(labels, (0.5, 0.2), seed=0)
+
+
+@needs_data
+def test_ett_splits_on_etth1():
+    (train_set, validation, test), table = ett.load_splits(os.path.join(DATA, "ett", "ETTh1.csv"), 96, 96)
+    assert len(table.values) == 17420 and table.columns == ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    # 8640 training rows, 2880 + 96 rows each for validation and test; a window spans 96 + 96 rows.
+    assert (len(train_set), len(validation), len(test)) == (8449, 2785, 2785)
+    np.testing.assert_allclose(train_set.values.numpy().mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(train_set.values.numpy().std(axis=0), 1, atol=1e-4)
+    history, calendar, future = validation[0]
+    strided = ett.load_splits(os.path.join(DATA, "ett", "ETTh1.csv"), 96, 96, eval_stride=10)[0]
+    assert (len(strided[0]), len(strided[1]), len(strided[2])) == (8449, 279, 279)
+    torch.testing.assert_close(strided[2][5][2], test[50][2])
+    assert history.shape == (96, 7) and calendar.shape == (96, 4) and future.shape == (96, 7)
+    torch.testing.assert_close(history, validation.values[:96])
+    torch.testing.assert_close(validation.values[:96], torch.from_numpy(
+        ((table.values[8544:8640] - table.values[:8640].mean(0)) / table.values[:8640].std(0)).astype(np.float32)))
+
+
+def test_ett_forecaster_is_equivariant_to_a_level_shift():
+    # RevIN: adding c to the whole history adds c to the forecast, whatever the weights.
+    config = StepFusionConfig(in_a=3 * 8, in_b=3 + 4, max_len_a=3, max_len_b=16, head="forecast", horizon=6,
+                              out_vars=3, skip_len=16, dim=8, heads=2, steps=1, dropout=0.0, backend="cpu")
+    model = ett.RevinForecaster(config, 8, 4).eval()
+    history, calendar = torch.randn(2, 16, 3), torch.rand(2, 16, 4) - 0.5
+    forecast = model(history, calendar)
+    assert forecast.shape == (2, 6, 3)
+    torch.testing.assert_close(model(history + 5.0, calendar), forecast + 5.0, rtol=1e-4, atol=1e-4)
+
+
+@needs_data
+def test_ecg5000_reader_and_views():
+    (train_series, train_labels), (test_series, test_labels) = ecg5000.read_ecg5000(os.path.join(DATA, "ucr"))
+    assert train_series.shape == (500, 140) and test_series.shape == (4500, 140)
+    assert np.bincount(train_labels).tolist() == [292, 177, 10, 19, 2]
+    assert set(np.unique(test_labels)) == {0, 1, 2, 3, 4}
+    frames = ecg5000.spectrogram(train_series[:3], n_fft=32, hop=4)
+    assert frames.shape == (3, 36, 17)
+    expected = np.log1p(np.abs(np.fft.rfft(np.pad(train_series[0], 16, mode="reflect")[40:72] * np.hanning(33)[:32])))
+    np.testing.assert_allclose(frames[0, 10].numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_data
+def test_mitdb_record_100_falls_back_to_a_stratified_split():
+    splits, description = mitdb.load_beats(os.path.join(DATA, "mitdb"), 90, 110, 2, 0.2, 0.2, seed=0)
+    assert description["split"] == "stratified over beats"
+    counts = [np.bincount(labels, minlength=5).tolist() for _, labels in splits]
+    # 2237 N, 33 S (the A beats), 1 V: the V beat stays in training.
+    assert counts == [[1343, 21, 1, 0, 0], [447, 6, 0, 0, 0], [447, 6, 0, 0, 0]]
+    assert splits[0][0].shape == (1365, 100, 2)
+    np.testing.assert_allclose(splits[0][0].mean(axis=1), 0, atol=1e-5)
+    assert mitdb.split_records(["100", "101", "102"]) == (["101"], ["100"])
+    assert mitdb.split_records(["100", "103"]) is None
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _synthetic_setup(seed):
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(48, 12, 2, generator=generator), torch.randn(48, 5, 3, generator=generator)
+    labels = (a.mean(dim=(1, 2)) > 0).long()
+    data = torch.utils.data.TensorDataset(a, b, labels)
+    torch.manual_seed(seed)  # different initial weights on each rank: DDP must broadcast rank 0's
+    config = StepFusionConfig(in_a=2, in_b=3, max_len_a=12, max_len_b=5, head="classify", num_classes=2, dim=8,
+                              heads=2, steps=1, dropout=0.0, backend="cpu")
+    return TaskSetup(name="synthetic", model=StepFusionNet(config), train=data, validation=data, test=data,
+                     loss=common.classification_loss, predict=common.classification_predict,
+                     evaluate=common.classification_metrics(2), plot=lambda *args: None, selection="accuracy",
+                     higher_is_better=True)
+
+
+def _ddp_worker(rank, world_size, port, out):
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = train(_synthetic_setup(seed=rank), TrainingOptions(epochs=1, batch_size=8, out=out, progress=False))
+    torch.save(result.last_state, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_end_with_the_same_weights(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    initial = _synthetic_setup(seed=0).model.state_dict()
+    for name, value in ranks[0].items():
+        torch.testing.assert_close(ranks[1][name], value, rtol=0, atol=0)
+    assert any(not torch.equal(initial[name], value) for name, value in ranks[0].items())
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 3  # 48 samples / 2 ranks / batch 8
+
+
+def _run_cli(task, out, *extra):
+    cli.main([task, "--out", str(out), *TINY_MODEL, *extra])
+    report = json.loads((out / "metrics.json").read_text())
+    assert (out / "best.pt").exists() and (out / f"{task}.png").stat().st_size > 0
+    return report
+
+
+@needs_data
+def test_cli_ett_end_to_end(tmp_path, capsys):
+    report = _run_cli("ett", tmp_path, "--epochs", "1", "--max-steps", "3", "--batch-size", "4", "--eval-stride", "100")
+    assert report["steps"] == 3 and set(report["test"]) == {"mse", "mae"}
+    assert report["setup"]["windows"] == [8449, 28, 28]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ett test: mse=")
+
+
+@needs_data
+def test_cli_ecg5000_end_to_end(tmp_path, capsys):
+    report = _run_cli("ecg5000", tmp_path, "--epochs", "1", "--max-steps", "2", "--batch-size", "8")
+    assert report["steps"] == 2 and 0 <= report["test"]["accuracy"] <= 1
+    # Validation: floor(20%) of each class (292, 177, 10, 19, 2 beats) = 58 + 35 + 2 + 3 + 0.
+    assert report["setup"]["sizes"] == [402, 98, 4500]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ecg5000 test: accuracy=")
+
+
+@needs_data
+def test_cli_mitdb_end_to_end(tmp_path, capsys):
+    report = _run_cli("mitdb", tmp_path, "--epochs", "1", "--max-steps", "2", "--batch-size", "8")
+    assert report["setup"]["class_counts"][2] == [447, 6, 0, 0, 0]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("mitdb test: accuracy=")
+
+
+def test_cli_rejects_an_unknown_task():
+    with pytest.raises(SystemExit):
+        cli.main(["imagenet"])
