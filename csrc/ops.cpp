@@ -24,4 +24,13 @@ TORCH_LIBRARY(stepfusion, m) {
       "shift_expand_backward(Tensor grad_y, Tensor x, Tensor? scale_local, Tensor? shift_local, "
       "Tensor? scale_global, Tensor? shift_global, Tensor? gate, Tensor? weight, Tensor? bias, "
       "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // cohort_mutual_loss returns the (S,) penalty and, for the backward, the teacher mixture (N, C)
+  // (sum_j w_j softmax(outputs[j]) / W for kind="kl", sum_j w_j outputs[j] / W for "mse") and the
+  // per-student log-sum-exp (S, N) (kind="kl"; an empty tensor for "mse"), both fp32 (fp64 for fp64).
+  m.def("cohort_mutual_loss(Tensor outputs, Tensor teacher_weights, str kind) "
+        "-> (Tensor penalty, Tensor mixture, Tensor lse)");
+  // The gradient of outputs only: the teachers are detached and teacher_weights gets none.
+  m.def("cohort_mutual_loss_backward(Tensor grad_penalty, Tensor outputs, Tensor mixture, Tensor lse, str kind) "
+        "-> Tensor");
 }

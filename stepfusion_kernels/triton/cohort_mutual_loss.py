@@ -1,0 +1,136 @@
+"""Triton kernels of `cohort_mutual_loss`: a forward with one program per batch row n, which builds the
+teacher mixture once and then one divergence per student (O(S N C)); per-row results are reduced over n
+by torch.sum on fixed shapes (deterministic, no atomics). The backward is elementwise: one program per
+(student, row) pair. The whole row of C classes lives in registers (C <= 65536)."""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import row_block
+
+# The smallest normal float32: q is clamped to it inside log(q) so that q = 0 gives q log q = 0, not NaN.
+TINY = 1.1754943508222875e-38
+
+
+@triton.jit
+def _kl_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, lse_ptr, divergence_ptr, spread_ptr,
+                       students, batch, classes, total_weight, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < classes
+    # Lane-wise accumulators (reduced once after the loop): sum_j w_j p_j and sum_j w_j p_j log p_j.
+    mixture = tl.zeros([BLOCK_C], dtype=tl.float32)
+    weighted_p_log_p = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for j in range(students):
+        weight = tl.load(weights_ptr + j)
+        # Masked lanes load 0 (finite, so that no 0 * inf appears) and are left out of the max.
+        z = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+        shifted = z - tl.max(tl.where(mask, z, float("-inf")), axis=0)
+        exps = tl.where(mask, tl.exp(shifted), 0.0)
+        sum_exp = tl.sum(exps, axis=0)
+        log_p = shifted - tl.log(sum_exp)
+        mixture += (weight / sum_exp) * exps
+        weighted_p_log_p += (weight / sum_exp) * (exps * log_p)
+    q = mixture / total_weight
+    tl.store(mixture_ptr + n * classes + cols, q, mask=mask)
+    neg_entropy_q = tl.sum(q * tl.log(tl.maximum(q, TINY)), axis=0)
+    # J = sum_j w_j KL(p_j || q) = sum_j w_j sum_c p_j log p_j - W sum_c q log q.
+    tl.store(spread_ptr + n, tl.sum(weighted_p_log_p, axis=0) - total_weight * neg_entropy_q)
+    for i in range(students):
+        z = tl.load(outputs_ptr + (i * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+        max_z = tl.max(tl.where(mask, z, float("-inf")), axis=0)
+        lse = max_z + tl.log(tl.sum(tl.where(mask, tl.exp(z - max_z), 0.0), axis=0))
+        tl.store(lse_ptr + i * batch + n, lse)
+        # KL(q || p_i) = sum_c q log q - sum_c q (z - lse); q is 0 on masked lanes.
+        cross = tl.sum(q * (z - lse), axis=0)
+        tl.store(divergence_ptr + n * students + i, neg_entropy_q - cross)
+
+
+@triton.jit
+def _mse_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, divergence_ptr, spread_ptr,
+                        students, batch, classes, total_weight, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < classes
+    weighted_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for j in range(students):
+        weight = tl.load(weights_ptr + j)
+        f = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+        weighted_sum += weight * f
+    mu = weighted_sum / total_weight
+    tl.store(mixture_ptr + n * classes + cols, mu, mask=mask)
+    # J = sum_j w_j ||f_j - mu||^2, accumulated lane-wise.
+    weighted_distance = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(students):
+        weight = tl.load(weights_ptr + i)
+        f = tl.load(outputs_ptr + (i * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+        difference = tl.where(mask, f - mu, 0.0)
+        squared = difference * difference
+        weighted_distance += weight * squared
+        tl.store(divergence_ptr + n * students + i, tl.sum(squared, axis=0))
+    tl.store(spread_ptr + n, tl.sum(weighted_distance, axis=0))
+
+
+@triton.jit
+def _backward_kernel(outputs_ptr, mixture_ptr, lse_ptr, coefficient_ptr, grad_ptr, batch, classes,
+                     IS_KL: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # row = i * N + n
+    student = row // batch
+    n = row % batch
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < classes
+    z = tl.load(outputs_ptr + row * classes + cols, mask=mask, other=0.0).to(tl.float32)
+    target = tl.load(mixture_ptr + n * classes + cols, mask=mask, other=0.0)
+    coefficient = tl.load(coefficient_ptr + student)
+    if IS_KL:
+        grad = coefficient * (tl.exp(z - tl.load(lse_ptr + row)) - target)
+    else:
+        grad = coefficient * (z - target)
+    tl.store(grad_ptr + row * classes + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _scale(batch, classes, kind):
+    if batch == 0 or classes == 0:  # no rows (or, with S = 0, no classes): nothing to average
+        return 0.0
+    return 1.0 / batch if kind == "kl" else 1.0 / (batch * classes)
+
+
+def forward(outputs, teacher_weights, kind, total_weight):
+    """Returns (penalty (S,), mixture (N, C) float32, lse (S, N) float32 for "kl" or (0,) for "mse").
+    total_weight is sum(teacher_weights), already checked positive."""
+    students, batch, classes = outputs.shape
+    outputs = outputs.contiguous()
+    float_options = dict(device=outputs.device, dtype=torch.float32)
+    weights = teacher_weights.detach().to(torch.float32).contiguous()
+    mixture = torch.zeros((batch, classes), **float_options)
+    lse = torch.empty((students, batch) if kind == "kl" else (0,), **float_options)
+    divergence = torch.empty((batch, students), **float_options)
+    spread = torch.empty((batch,), **float_options)
+    if students > 0 and batch > 0:
+        block, num_warps = row_block(classes, "cohort_mutual_loss")
+        if kind == "kl":
+            _kl_forward_kernel[(batch,)](outputs, weights, mixture, lse, divergence, spread, students, batch, classes,
+                                        total_weight, BLOCK_C=block, num_warps=num_warps)
+        else:
+            _mse_forward_kernel[(batch,)](outputs, weights, mixture, divergence, spread, students, batch, classes,
+                                         total_weight, BLOCK_C=block, num_warps=num_warps)
+    # penalty_i = scale * sum_n (divergence[n, i] + J_n / W): fixed-shape sums over n (deterministic).
+    penalty = (divergence.sum(dim=0) + spread.sum() / total_weight) * _scale(batch, classes, kind)
+    return penalty.to(outputs.dtype), mixture, lse
+
+
+def backward(grad_penalty, outputs, mixture, lse, kind):
+    """The gradient of outputs: scale * (softmax(outputs[i]) - q) for "kl", scale * 2 (outputs[i] - mu) for "mse"."""
+    students, batch, classes = outputs.shape
+    outputs = outputs.contiguous()
+    grad = torch.empty_like(outputs)
+    if grad.numel() == 0:
+        return grad
+    factor = _scale(batch, classes, kind) * (2.0 if kind == "mse" else 1.0)
+    coefficient = (grad_penalty.to(torch.float32) * factor).contiguous()
+    block, num_warps = row_block(classes, "cohort_mutual_loss")
+    _backward_kernel[(students * batch,)](outputs, mixture.contiguous(), lse.contiguous() if kind == "kl" else mixture,
+                                          coefficient, grad, batch, classes, IS_KL=kind == "kl", BLOCK_C=block,
+                                          num_warps=num_warps)
+    return grad

@@ -1,0 +1,314 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import python_ref
+import stepfusion_kernels as sk
+from harness import (HAS_CUDA, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_deterministic_backward, randn, seeded_generator)
+
+OP = OpUnderTest(fn=sk.cohort_mutual_loss, ref=python_ref.cohort_mutual_loss)
+KINDS = ("kl", "mse")
+
+
+def make_case(students, batch, classes, kind, zero_teachers=(), logit_scale=2.0, noncontiguous=False):
+    def build(generator):
+        weights = torch.rand(students, generator=generator, dtype=torch.float64) + 0.1
+        weights[list(zero_teachers)] = 0.0
+        return {"outputs": randn(generator, students, batch, classes) * logit_scale + 0.5,
+                "teacher_weights": weights, "kind": kind}
+
+    name = f"S{students}-N{batch}-C{classes}-{kind}"
+    if zero_teachers:
+        name += "-zero" + "".join(map(str, zero_teachers))
+    if logit_scale != 2.0:
+        name += f"-scale{logit_scale:g}"
+    if noncontiguous:
+        name += "-strided"
+    return Case(name, build, ("outputs",) if noncontiguous else ())
+
+
+CASES = [case for kind in KINDS for case in (
+    make_case(4, 17, 33, kind),
+    make_case(5, 3, 10, kind, zero_teachers=(0, 3)),  # students that do not teach
+    make_case(3, 6, 1, kind),  # C = 1: every softmax is 1 (kl penalty 0); mse still sees the values
+    make_case(2, 1, 5, kind),  # N = 1
+    make_case(7, 9, 257, kind),  # C = 2^k + 1: one past a power of two
+    make_case(3, 4, 65, kind, noncontiguous=True),
+    make_case(6, 33, 1000, kind),  # wider than one vector tail, many rows
+    make_case(4, 5, 40, kind, logit_scale=30.0),  # saturated softmaxes: tiny probabilities underflow
+)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+def test_matches_reference(case, backend, device, dtype):
+    check_against_reference(OP, case, backend, device, dtype)
+
+
+def _pairwise_definition(outputs, teacher_weights, kind):
+    """SPEC section 4 written out as its O(S^2) double loop, teachers detached."""
+    students, batch, classes = outputs.shape
+    teachers = outputs.detach()
+    total_weight = teacher_weights.sum()
+    penalties = []
+    for i in range(students):
+        penalty = outputs.new_zeros(())
+        for j in range(students):
+            if kind == "kl":
+                # kl_div(input=log p_i, target=log p_j, log_target=True) = sum p_j (log p_j - log p_i).
+                divergence = F.kl_div(F.log_softmax(outputs[i], dim=-1), F.log_softmax(teachers[j], dim=-1),
+                                      reduction="sum", log_target=True)
+            else:
+                divergence = F.mse_loss(outputs[i], teachers[j], reduction="sum")
+            penalty = penalty + teacher_weights[j] * divergence
+        penalties.append(penalty / (batch * total_weight * (classes if kind == "mse" else 1)))
+    return torch.stack(penalties)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_matches_pairwise_definition(kind, backend, device):
+    generator = seeded_generator("pairwise", kind, backend)
+    outputs = randn(generator, 5, 11, 9) * 3
+    weights = torch.tensor([0.5, 0.0, 2.0, 1.0, 0.25], dtype=torch.float64)
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    expected_input = outputs.clone().requires_grad_()
+    expected = _pairwise_definition(expected_input, weights, kind)
+    test_input = outputs.to(device=device, dtype=dtype).requires_grad_()
+    penalty = sk.cohort_mutual_loss(test_input, weights.to(device=device, dtype=dtype), kind=kind, backend=backend)
+    torch.testing.assert_close(penalty.double().cpu(), expected, rtol=tolerance, atol=tolerance)
+    upstream = randn(generator, 5)
+    (grad,) = torch.autograd.grad(penalty, test_input, upstream.to(device=device, dtype=dtype))
+    (expected_grad,) = torch.autograd.grad(expected, expected_input, upstream)
+    torch.testing.assert_close(grad.double().cpu(), expected_grad, rtol=tolerance, atol=tolerance)
+
+
+# A penalty that is 0 in exact arithmetic (and its gradient) is checked with an absolute tolerance: a
+# relative error against an fp64 reference of 1e-17 would only measure rounding.
+@pytest.mark.parametrize("weights", [[1.0, 0.0, 3.0, 0.5], [2.0]], ids=["S4", "S1"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_identical_students_have_zero_penalty(weights, kind, backend, device):
+    row = randn(seeded_generator("identical", kind), 1, 6, 13)
+    outputs = row.expand(len(weights), 6, 13).float().to(device).requires_grad_()
+    weights = torch.tensor(weights, device=device)
+    penalty = sk.cohort_mutual_loss(outputs, weights, kind=kind, backend=backend)
+    torch.testing.assert_close(penalty, torch.zeros_like(penalty), atol=1e-6, rtol=0)
+    (grad,) = torch.autograd.grad(penalty.sum(), outputs)
+    torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_no_gradient_reaches_the_weights(kind, backend, device):
+    generator = seeded_generator("weights-grad", kind)
+    outputs = randn(generator, 3, 4, 5).float().to(device).requires_grad_()
+    weights = torch.tensor([1.0, 2.0, 0.5], device=device, requires_grad=True)
+    penalty = sk.cohort_mutual_loss(outputs, weights, kind=kind, backend=backend)
+    grad_outputs, grad_weights = torch.autograd.grad(penalty.sum(), (outputs, weights), allow_unused=True)
+    assert grad_weights is None
+    assert grad_outputs.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_empty_batch_gives_zeros(kind, backend, device):
+    outputs = torch.randn(3, 0, 5, device=device, requires_grad=True)
+    penalty = sk.cohort_mutual_loss(outputs, torch.ones(3, device=device), kind=kind, backend=backend)
+    assert penalty.shape == (3,) and torch.equal(penalty, torch.zeros(3, device=device))
+    (grad,) = torch.autograd.grad(penalty.sum(), outputs)
+    assert grad.shape == outputs.shape
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_no_students_gives_empty_output(kind, backend, device):
+    for classes in (0, 4):
+        outputs = torch.randn(0, 5, classes, device=device, requires_grad=True)
+        penalty = sk.cohort_mutual_loss(outputs, torch.ones(0, device=device), kind=kind, backend=backend)
+        assert penalty.shape == (0,)
+        (grad,) = torch.autograd.grad(penalty.sum(), outputs)
+        assert grad.shape == outputs.shape
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_is_bitwise_reproducible(kind, backend, device):
+    check_deterministic_backward(OP, make_case(6, 70, 40, kind), backend, device, torch.float32)
+
+
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_forward_bits_do_not_depend_on_thread_count(kind):
+    generator = seeded_generator("threads", kind)
+    outputs, weights = randn(generator, 8, 301, 37).float(), torch.rand(8, generator=generator).float()
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            results.append(sk.cohort_mutual_loss(outputs, weights, kind=kind, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def _kernel_ops():
+    usable = sk.backends()
+    ops = []
+    if "cpu" in usable:
+        ops.append(pytest.param(torch.ops.stepfusion.cohort_mutual_loss.default, "cpu", torch.float64, id="cpp-cpu"))
+        ops.append(pytest.param(torch.ops.stepfusion.cohort_mutual_loss.default, "cuda", torch.float32,
+                                id="cpp-cuda", marks=NEEDS_GPU))
+    if "triton" in usable or not HAS_CUDA:
+        device = "cuda" if HAS_CUDA else "cpu"
+        ops.append(pytest.param(torch.ops.stepfusion.cohort_mutual_loss_triton.default, device, torch.float32,
+                                id=f"triton-{device}"))
+    return ops
+
+
+@pytest.mark.parametrize(("op", "device", "dtype"), _kernel_ops())
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck(op, device, dtype, kind):
+    generator = seeded_generator("opcheck", kind)
+    for shape, weights in (((3, 5, 7), [1.0, 0.0, 2.0]), ((1, 4, 9), [0.5]), ((4, 1, 1), [1.0, 1.0, 1.0, 1.0])):
+        outputs = randn(generator, *shape).to(device=device, dtype=dtype).requires_grad_()
+        torch.library.opcheck(op, (outputs, torch.tensor(weights, device=device, dtype=dtype), kind))
+
+
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_cpu_float64(kind):
+    # gradcheck perturbs every input element, but a teacher's values must not move its students'
+    # penalties' gradients (teachers are detached). So the students checked here do not teach (weight 0)
+    # and the teachers are constants: then the op's Jacobian is the full derivative of the function.
+    generator = seeded_generator("gradcheck", kind)
+    students = randn(generator, 3, 4, 6).requires_grad_()
+    teachers = randn(generator, 2, 4, 6)
+    weights = torch.tensor([0.0, 0.0, 0.0, 1.5, 0.5], dtype=torch.float64)
+
+    def student_penalties(students):
+        return sk.cohort_mutual_loss(torch.cat([students, teachers]), weights, kind=kind, backend="cpu")[:3]
+
+    assert torch.autograd.gradcheck(student_penalties, (students,))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in sk.backends()])
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_compile_fullgraph(backend, kind):
+    generator = seeded_generator("compile", backend, kind)
+    logits = randn(generator, 4, 6, 10).float().requires_grad_()
+    weights = torch.tensor([1.0, 0.0, 0.5, 2.0])
+
+    def loss(logits, weights):
+        return sk.cohort_mutual_loss(logits * 2, weights, kind=kind, backend=backend).square()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    expected = loss(logits, weights)
+    result = compiled(logits, weights)
+    torch.testing.assert_close(result, expected)
+    (grad,) = torch.autograd.grad(result.sum(), logits)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+def test_compiled_graph_still_checks_the_weights():
+    compiled = torch.compile(lambda o, w: sk.cohort_mutual_loss(o, w, backend="cpu"), fullgraph=True)
+    compiled(torch.randn(2, 3, 4), torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match="teacher_weights"):
+        compiled(torch.randn(2, 3, 4), torch.tensor([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_matches_functional_and_trains(kind):
+    module = sk.nn.CohortMutualLoss(kind=kind)
+    generator = seeded_generator("module", kind)
+    outputs = randn(generator, 3, 5, 4).float().requires_grad_()
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    penalty = module(outputs, weights)
+    torch.testing.assert_close(penalty, python_ref.cohort_mutual_loss(outputs, weights, kind=kind))
+    penalty.sum().backward()
+    assert outputs.grad is not None and outputs.grad.abs().sum() > 0
+    assert kind in repr(module)
+    with pytest.raises(ValueError, match="kind"):
+        sk.nn.CohortMutualLoss(kind="l1")
+
+
+# Bad inputs: every message must name the argument at fault.
+def _good(students=3, dtype=torch.float32):
+    return {"outputs": torch.randn(students, 4, 5, dtype=dtype), "teacher_weights": torch.ones(students, dtype=dtype)}
+
+
+BAD_INPUTS = [
+    ("outputs rank", {"outputs": torch.randn(3, 20)}, ValueError, "outputs"),
+    ("outputs rank 4", {"outputs": torch.randn(3, 2, 4, 5)}, ValueError, "outputs"),
+    ("integer outputs", {"outputs": torch.ones(3, 4, 5, dtype=torch.int64)}, ValueError, "outputs"),
+    ("no classes", {"outputs": torch.randn(3, 4, 0)}, ValueError, "outputs"),
+    ("weights length", {"teacher_weights": torch.ones(4)}, ValueError, "teacher_weights"),
+    ("weights rank", {"teacher_weights": torch.ones(3, 1)}, ValueError, "teacher_weights"),
+    ("weights dtype", {"teacher_weights": torch.ones(3, dtype=torch.float64)}, ValueError, "teacher_weights"),
+    ("weights device", {"teacher_weights": torch.ones(3, device="meta")}, RuntimeError, "teacher_weights"),
+    ("negative weight", {"teacher_weights": torch.tensor([1.0, -0.5, 1.0])}, ValueError, "teacher_weights"),
+    ("all-zero weights", {"teacher_weights": torch.zeros(3)}, ValueError, "teacher_weights"),
+    ("NaN weight", {"teacher_weights": torch.tensor([1.0, float("nan"), 1.0])}, ValueError, "teacher_weights"),
+    ("infinite weight", {"teacher_weights": torch.tensor([1.0, float("inf"), 1.0])}, ValueError, "teacher_weights"),
+    ("weights not a tensor", {"teacher_weights": [1.0, 1.0, 1.0]}, ValueError, "teacher_weights"),
+    ("unknown kind", {"kind": "l1"}, ValueError, "kind"),
+    ("kind not a string", {"kind": None}, ValueError, "kind"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "name"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if b in sk.backends()])
+def test_bad_input_names_the_argument(change, error, name, backend):
+    kwargs = {**_good(), **change}
+    with pytest.raises(error, match=name):
+        sk.cohort_mutual_loss(**kwargs, backend=backend)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        sk.cohort_mutual_loss(**_good(), backend="fortran")
+
+
+def test_backend_dtype_support_is_checked():
+    with pytest.raises(ValueError, match="float16"):
+        sk.cohort_mutual_loss(**_good(dtype=torch.float16), backend="cpu")
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    with pytest.raises(RuntimeError, match="cuda"):
+        sk.cohort_mutual_loss(**_good(), backend="cuda")
+
+
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+@pytest.mark.parametrize(("outputs", "weights", "kind", "name"), [
+    (torch.randn(3, 4, 5), torch.ones(2), "kl", "teacher_weights"),
+    (torch.randn(3, 4), torch.ones(3), "kl", "outputs"),
+    (torch.randn(3, 4, 5), torch.tensor([1.0, float("nan"), 0.0]), "kl", "teacher_weights"),
+    (torch.randn(3, 4, 5), torch.zeros(3), "mse", "teacher_weights"),
+    (torch.randn(3, 4, 5), torch.ones(3), "js", "kind"),
+], ids=["weights length", "outputs rank", "NaN weight", "zero weights", "kind"])
+def test_cpp_op_checks_its_arguments_itself(outputs, weights, kind, name):
+    with pytest.raises(ValueError, match=name):
+        torch.ops.stepfusion.cohort_mutual_loss(outputs, weights, kind)
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_inputs_use_64_bit_offsets(kind):
+    # S * N * C > 2^31 elements: only the last batch row is non-zero, so the penalty is that row's penalty
+    # divided by N, and the last row's offsets lie past 2^31.
+    students, batch, classes = 2, (1 << 20) + 1, 1024
+    outputs = torch.zeros(students, batch, classes, device="cuda", dtype=torch.bfloat16)
+    last = torch.randn(students, 1, classes, device="cuda", dtype=torch.bfloat16)
+    outputs[:, -1:] = last
+    weights = torch.tensor([1.0, 2.0], device="cuda", dtype=torch.bfloat16)
+    expected = python_ref.cohort_mutual_loss(last.double(), weights.double(), kind=kind)
+    for backend in ("cuda", "triton"):
+        penalty = sk.cohort_mutual_loss(outputs, weights, kind=kind, backend=backend)
+        torch.testing.assert_close(penalty.double() * batch, expected, rtol=2e-2, atol=2e-2)
+        del penalty
