@@ -1,0 +1,1 @@
+"""Models built from the package's public ops and modules."""

@@ -1,0 +1,1 @@
+"""Training tasks: data, model, metrics and plots behind the training command line."""
