@@ -105,8 +105,9 @@ def fit_pca(features, components):
 
 class BatchedMLP(nn.Module):
     """`students` independent MLPs of the same widths: input (N, in) shared or (S, N, in) per student ->
-    (S, N, out), ReLU after every layer but the last unless `final_relu`. Initialised as nn.Linear with each
-    student's own first-layer fan-in (`fan_in`, for inputs zero-padded beyond it); the padded rows stay zero."""
+    (S, N, out), ReLU after every layer but the last unless `final_relu`. Initialised as nn.Linear, with
+    each student's own first-layer fan-in `fan_in[s]` when its input is zero-padded (the owner then zeroes
+    the padded rows)."""
 
     def __init__(self, students, widths, final_relu=False, fan_in=None):
         super().__init__()
@@ -115,11 +116,11 @@ class BatchedMLP(nn.Module):
         self.biases = nn.ParameterList()
         for layer, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
             fans = fan_in if layer == 0 and fan_in is not None else [width_in] * students
-            weight = torch.zeros(students, width_in, width_out)
+            weight = torch.empty(students, width_in, width_out)
             bias = torch.empty(students, width_out)
             for student, fan in enumerate(fans):
                 bound = 1.0 / math.sqrt(fan)
-                weight[student, :fan].uniform_(-bound, bound)
+                weight[student].uniform_(-bound, bound)
                 bias[student].uniform_(-bound, bound)
             self.weights.append(nn.Parameter(weight))
             self.biases.append(nn.Parameter(bias))
