@@ -9,8 +9,9 @@
 // and for kind="mse", with mu = sum_j w_j f_j / W,
 //   sum_j w_j ||f_j - f_i||^2 = J + W ||f_i - mu||^2,   J = sum_j w_j ||f_j - mu||^2.
 // Both split into a "spread" J of the teachers (one per row) and a "divergence" of each student from the
-// mixture: penalty_i = scale * sum_n (divergence[n, i] + J_n / W). Neither side needs a log of a mixture
-// entry that may be zero (q log q is taken as 0 there), and no term is a difference of two O(S) sums.
+// mixture: penalty_i = scale * sum_n (divergence[n, i] + J_n / W), scale = 1/N (kl) or 1/(N C) (mse). No
+// log of a mixture entry that may have underflowed to 0 is ever taken (q log q counts as 0 there), and the
+// backward needs only q (or mu) and each student's log-sum-exp, saved by the forward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

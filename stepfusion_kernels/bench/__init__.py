@@ -7,11 +7,11 @@ import platform
 
 import torch
 
-from . import shift_expand
+from . import cohort_mutual_loss, shift_expand
 from ._harness import copy_bandwidth_gb_per_s, markdown_table, plot_speedups, run_cases, write_csv
 
 # One line per op: the module whose cases(device) lists its workloads.
-OPS = {"shift_expand": shift_expand}
+OPS = {"cohort_mutual_loss": cohort_mutual_loss, "shift_expand": shift_expand}
 
 
 def describe_device(device):

@@ -10,7 +10,7 @@ import triton.language as tl
 from ._common import row_block
 
 # The smallest normal float32: q is clamped to it inside log(q) so that q = 0 gives q log q = 0, not NaN.
-TINY = 1.1754943508222875e-38
+TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
