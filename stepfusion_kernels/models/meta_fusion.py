@@ -247,13 +247,12 @@ def student_losses(outputs, targets, task):
 
 
 def cohort_objective(outputs, targets, task, rho, teacher_weights, penalty):
-    """(sum over students of task_i + rho * penalty_i, task losses (S,)): the students' parameters are
-    disjoint, so the sum trains each on its own loss."""
-    task_losses = student_losses(outputs, targets, task)
-    total = task_losses
+    """The sum over students of task_i + rho * penalty_i: the students' parameters are disjoint, so the sum
+    trains each on its own loss."""
+    losses = student_losses(outputs, targets, task)
     if rho > 0:
-        total = task_losses + rho * penalty(outputs, teacher_weights.to(outputs.dtype))
-    return total.sum(), task_losses
+        losses = losses + rho * penalty(outputs, teacher_weights.to(outputs.dtype))
+    return losses.sum()
 
 
 @torch.no_grad()
@@ -288,7 +287,7 @@ def train_cohort(cohort, train, val, task, rho=0.0, teacher_weights=None, kind=N
         for start in range(0, count, batch_size):
             index = order[start:start + batch_size]
             outputs = cohort([x[index] for x in inputs])
-            loss, _ = cohort_objective(outputs, targets[index], task, rho, teacher_weights, penalty)
+            loss = cohort_objective(outputs, targets[index], task, rho, teacher_weights, penalty)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
