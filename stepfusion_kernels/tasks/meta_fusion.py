@@ -89,7 +89,9 @@ def run(args):
     results = {}
     for name, experiment in experiments.items():
         results[name] = _run_repeats(name, experiment, args)
-    report = {"task": args.task, "config": {k: v for k, v in vars(args).items()}, "results": results}
+    # Only plain values: a dispatcher hosting these flags may keep callables in its namespace.
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+    report = {"task": args.task, "config": config, "results": results}
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(report, handle, indent=2)
     table = format_table(args.task, results)
