@@ -196,7 +196,9 @@ def test_fit_meta_fusion_trains_every_rho_from_the_same_start_and_picks_by_teach
     teachers = fitted["teacher_weights"] > 0
     for rho, losses in fitted["val_losses"].items():
         assert fitted["teacher_loss"][rho] == pytest.approx(losses[teachers].mean().item())
-    assert fitted["rho"] == min(fitted["teacher_loss"], key=fitted["teacher_loss"].get)
+    lowest = min(fitted["teacher_loss"].values())
+    assert fitted["teacher_loss"][fitted["rho"]] <= lowest * (1 + 1e-6)
+    assert all(rho >= fitted["rho"] or loss > lowest * (1 + 1e-6) for rho, loss in fitted["teacher_loss"].items())
 
 
 def test_fit_pca_axes_are_orthonormal_and_sign_fixed():

@@ -377,7 +377,8 @@ def select_teachers(val_losses, max_clusters=10, seed=0):
 def fit_meta_fusion(make_cohort, train, val, task, rhos=RHOS, seed=0, progress=None, **training):
     """Both stages. make_cohort() builds the cohort (seeded by the caller); every rho starts from the same
     initial weights and batch order. Returns {"cohorts": {rho: trained cohort}, "val_losses": {rho: (S,)},
-    "teacher_weights": (S,), "teacher_loss": {rho: teachers' mean validation loss}, "rho": the chosen one}."""
+    "teacher_weights": (S,), "teacher_loss": {rho: teachers' mean validation loss}, "rho": the chosen one,
+    of the lowest teacher loss (ties within a relative 1e-6 go to the smallest rho)}."""
     if 0.0 not in rhos:
         raise ValueError(f"fit_meta_fusion: rhos must include 0 (stage 1), got {rhos}")
     initial = make_cohort()
@@ -397,7 +398,10 @@ def fit_meta_fusion(make_cohort, train, val, task, rhos=RHOS, seed=0, progress=N
         cohorts[rho] = cohort
     teachers = teacher_weights > 0
     teacher_loss = {rho: losses[teachers].mean().item() for rho, losses in val_losses.items()}
-    chosen = min(teacher_loss, key=teacher_loss.get)
+    # A lone teacher's penalty is zero, so its loss is the same for every rho up to rounding: count losses
+    # within a relative 1e-6 of the lowest as ties, and let the smallest rho win them.
+    lowest = min(teacher_loss.values())
+    chosen = min(rho for rho, loss in teacher_loss.items() if loss <= lowest + 1e-6 * abs(lowest))
     return {"cohorts": cohorts, "val_losses": val_losses, "teacher_weights": teacher_weights,
             "teacher_loss": teacher_loss, "rho": chosen}
 
