@@ -4,6 +4,7 @@
     stepfusion-train ecg5000 --epochs 60 --out runs/ecg5000
     stepfusion-train mitdb --data /path/to/mitdb --out runs/mitdb
     torchrun --nproc_per_node=2 -m stepfusion_kernels.train ett --max-steps 100   # DistributedDataParallel
+    stepfusion-train metafusion-alzheimer --repeats 5 --out runs/metafusion-alzheimer   # Meta Fusion
 
 --data is a file or directory (default: the task's folder under $STEPFUSION_DATA, which defaults to
 ../shared/data next to the checkout). A run shows tqdm progress, keeps the best-validation checkpoint
@@ -17,6 +18,7 @@ import torch
 
 from ._backend import BACKENDS
 from .tasks import TASKS
+from .tasks import meta_fusion
 from .tasks.training import TrainingOptions, train
 
 # Flag -> StepFusionConfig field, for the model options every task shares.
@@ -57,11 +59,17 @@ def parser():
         sub = tasks.add_parser(name, help=module.__doc__.split("\n")[0])
         _add_common(sub)
         module.add_arguments(sub)
+    # Meta Fusion trains cohorts of students, not StepFusionNet: its tasks bring their own flags.
+    for name in meta_fusion.TASKS:
+        meta_fusion.add_arguments(tasks.add_parser(name, help=f"Meta Fusion: {name.split('-', 1)[1]}"))
     return top
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.task in meta_fusion.TASKS:
+        meta_fusion.run(args)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
