@@ -141,6 +141,7 @@ setup(
         "triton": ["triton>=3.3"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.3", "scikit-learn"],
     },
-    entry_points={"console_scripts": ["stepfusion-bench=stepfusion_kernels.bench:main", "stepfusion-train=stepfusion_kernels.train:main"]},
+    entry_points={"console_scripts": ["stepfusion-bench=stepfusion_kernels.bench:main",
+                                     "stepfusion-train=stepfusion_kernels.train:main"]},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
