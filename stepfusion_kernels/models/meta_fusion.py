@@ -5,8 +5,9 @@ Read top to bottom as the method runs:
 1. representations: each modality has a menu (raw, PCA with k components, a learned encoder), or is dropped;
    `build_cohort` makes one student per combination except all-dropped.
 2. `CohortMLP`: every student's encoders and MLP head, with parameters of their own, evaluated for the whole
-   cohort in one batched forward (students' inputs are zero-padded to a common width; padded inputs meet
-   weights held at zero, so each student computes exactly what it would alone).
+   cohort in one batched forward (the heads' first layers live in one (S, sum of slot widths, hidden) tensor;
+   each group of students sharing a representation adds its term with one batched product, and the rows a
+   student does not use stay zero, so each student computes exactly what it would alone).
 3. stage 1: `train_cohort` with rho = 0; `select_teachers` clusters the students' validation losses with
    k-means (k by silhouette) and the lowest-loss cluster teaches.
 4. stage 2: `train_cohort` again from the same initial weights with loss_i = task_i + rho * penalty_i, the
@@ -126,12 +127,14 @@ class BatchedMLP(nn.Module):
             self.biases.append(nn.Parameter(bias))
 
     def forward(self, inputs):
-        hidden = inputs
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            hidden = torch.matmul(hidden, weight) + bias.unsqueeze(1)
-            if layer < len(self.weights) - 1 or self.final_relu:
-                hidden = F.relu(hidden)
-        return hidden
+        return self.continue_from(torch.matmul(inputs, self.weights[0]) + self.biases[0].unsqueeze(1))
+
+    def continue_from(self, first_layer):
+        """The output given the first layer's pre-activation (S, N, width)."""
+        hidden = first_layer
+        for weight, bias in zip(self.weights[1:], self.biases[1:]):
+            hidden = torch.matmul(F.relu(hidden), weight) + bias.unsqueeze(1)
+        return F.relu(hidden) if self.final_relu else hidden
 
 
 class CohortMLP(nn.Module):
@@ -151,7 +154,7 @@ class CohortMLP(nn.Module):
         num_students = len(self.students)
         self.slot_widths = []
         self.encoders = nn.ModuleDict()
-        self._groups = []  # per modality: [(entry, key, student indices)] and the dropped students
+        self._groups = []  # per modality: [(entry, key, student indices)]
         for modality, (menu, width) in enumerate(zip(self.menus, self.input_widths)):
             groups = []
             for option, entry in enumerate(menu):
@@ -164,18 +167,15 @@ class CohortMLP(nn.Module):
                         raise ValueError(f"CohortMLP: modality {modality} needs a PCA basis of at least "
                                          f"{entry.components} axes in pca_bases")
                 groups.append((entry, key, users))
-            dropped = [i for i, student in enumerate(self.students) if student[modality] is None]
-            self._groups.append((groups, dropped))
+                self.register_buffer(f"users_{key}", torch.tensor(users, dtype=torch.long), persistent=False)
+            self._groups.append(groups)
             self.slot_widths.append(max(entry.output_width(width) for entry in menu))
             if modality in pca_bases:
                 mean, axes = pca_bases[modality]
                 self.register_buffer(f"pca_mean_{modality}", mean.detach().clone())
                 self.register_buffer(f"pca_axes_{modality}", axes.detach().clone())
-        # Students' rows in the stacked per-modality blocks, so one gather restores cohort order.
-        for modality, (groups, dropped) in enumerate(self._groups):
-            order = [i for _, _, users in groups for i in users] + dropped
-            self.register_buffer(f"restore_{modality}", torch.argsort(torch.tensor(order)), persistent=False)
         offsets = [0] + list(itertools.accumulate(self.slot_widths))
+        self.offsets = offsets
         fan_in = [sum(entry.output_width(w) for entry, w in zip(student, self.input_widths) if entry is not None)
                   for student in self.students]
         self.head = BatchedMLP(num_students, (offsets[-1],) + tuple(head_widths) + (out_features,), fan_in=fan_in)
@@ -193,30 +193,34 @@ class CohortMLP(nn.Module):
     def num_students(self):
         return len(self.students)
 
-    def representation(self, modality, entry, key, features, count):
-        """Student-shared (raw, PCA) or per-student (encoder) representation: (count, N, width)."""
+    def representation(self, modality, entry, key, features):
+        """Per-student (encoder: (S_o, N, width)) or shared (raw, PCA: (N, width)) representation."""
         if entry.kind == "encoder":
             return self.encoders[key](features)
         if entry.kind == "pca":
             mean = getattr(self, f"pca_mean_{modality}")
             axes = getattr(self, f"pca_axes_{modality}")[:, :entry.components]
             features = (features - mean) @ axes
-        return features.unsqueeze(0).expand(count, -1, -1)
+        return features
 
     def forward(self, inputs):
         if len(inputs) != len(self.menus):
             raise ValueError(f"CohortMLP: expected {len(self.menus)} modalities, got {len(inputs)}")
-        blocks = []
-        for modality, ((groups, dropped), slot) in enumerate(zip(self._groups, self.slot_widths)):
-            features = inputs[modality]
-            pieces = []
+        weight, bias = self.head.weights[0], self.head.biases[0]
+        first_layer = bias.unsqueeze(1).expand(-1, inputs[0].shape[0], -1)
+        for modality, groups in enumerate(self._groups):
+            start = self.offsets[modality]
             for entry, key, users in groups:
-                if users:
-                    piece = self.representation(modality, entry, key, features, len(users))
-                    pieces.append(F.pad(piece, (0, slot - piece.shape[-1])))
-            pieces.append(features.new_zeros(len(dropped), features.shape[0], slot))
-            blocks.append(torch.cat(pieces).index_select(0, getattr(self, f"restore_{modality}")))
-        return self.head(torch.cat(blocks, dim=-1))
+                if not users:
+                    continue
+                index = getattr(self, f"users_{key}")
+                features = self.representation(modality, entry, key, inputs[modality])
+                rows = weight[index, start:start + features.shape[-1]]
+                # A shared representation meets every student's rows in one product, never copied per student.
+                term = (torch.bmm(features, rows) if features.dim() == 3
+                        else torch.einsum("nd,sdh->snh", features, rows))
+                first_layer = first_layer.index_add(0, index, term)
+        return self.head.continue_from(first_layer)
 
     def parameter_students(self):
         """{parameter name: the students (LongTensor) its rows along dim 0 belong to}, for per-student
@@ -228,7 +232,7 @@ class CohortMLP(nn.Module):
                 owners[name] = everyone
             else:
                 key = name.split(".")[1]
-                groups, _ = self._groups[int(key[1:key.index("_")])]
+                groups = self._groups[int(key[1:key.index("_")])]
                 users = next(users for _, group_key, users in groups if group_key == key)
                 owners[name] = torch.tensor(users, dtype=torch.long)
         return owners
