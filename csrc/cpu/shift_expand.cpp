@@ -74,7 +74,7 @@ struct RowInputs {
 // Scratch rows of one thread: converted inputs and the intermediate per-channel values.
 template <typename acc_t>
 struct RowScratch {
-  explicit RowScratch(int64_t dim) : storage(8 * dim), dim(dim) {}
+  explicit RowScratch(int64_t dim) : storage(11 * dim), dim(dim) {}
   acc_t* slot(int i) { return storage.data() + i * dim; }
   std::vector<acc_t> storage;
   int64_t dim;
@@ -302,12 +302,15 @@ shift_expand_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
       acc_t* channel_p = channel_partial.data_ptr<acc_t>();
       acc_t* sample_p = sample_partial.data_ptr<acc_t>();
 
-      // Writes an acc_t row to a scalar_t output (converting when the dtypes differ).
-      auto store_row = [dim](const acc_t* src, scalar_t* dst) {
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          std::copy(src, src + dim, dst);
-        } else {
-          at::vec::convert(src, dst, dim);
+      // A row of an output: written in place when it holds acc_t, else in scratch and converted after.
+      auto output_row = [dim](scalar_t* base, int64_t row, acc_t* scratch) -> acc_t* {
+        if (base == nullptr) return nullptr;
+        // (the cast only happens where scalar_t is acc_t; the branch is compiled for every dtype)
+        return std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(base + row * dim) : scratch;
+      };
+      auto finish_row = [dim](const acc_t* values, scalar_t* base, int64_t row) {
+        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+          if (base != nullptr) at::vec::convert(values, base + row * dim, dim);
         }
       };
 
@@ -317,7 +320,6 @@ shift_expand_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
         acc_t* s_row = scratch.slot(1);
         acc_t* u_row = scratch.slot(2);
         acc_t* tanh_local = scratch.slot(3);
-        acc_t* out_row = scratch.slot(4);
         for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
           const int64_t b = tile / tiles_per_sample;
           const int64_t l_begin = (tile % tiles_per_sample) * kTileRows;
@@ -330,15 +332,14 @@ shift_expand_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
           const acc_t* expand_g = expand_global ? expand_global + b * dim : nullptr;
           for (int64_t l = l_begin; l < l_end; ++l) {
             const int64_t row = b * shape.length + l;
-            // Converted inputs live in slots 5..7; slot 4 is reused for every output row.
+            // Converted inputs live in slots 4..7, converted outputs in slots 8..10.
             const RowInputs<acc_t> in{x_rows.get(row, scratch.slot(5)), scale_rows.get(row, scratch.slot(6)),
                                       shift_rows.get(row, scratch.slot(7)), expand_g,
                                       shift_global ? shift_global + b * dim : nullptr, gate_p};
             compute_h<acc_t>(in, dim, xhat, s_row, u_row, in.scale_local ? tanh_local : nullptr);
             const acc_t mu = mean_p[row];
             const acc_t inv_std = rstd_p[row];
-            // grad_y converted into out_row; it is consumed before out_row is overwritten.
-            const acc_t* dy = grad_rows.get(row, out_row);
+            const acc_t* dy = grad_rows.get(row, scratch.slot(4));
             // xhat in place of h; sums of dxhat and dxhat * xhat for the LayerNorm backward.
             Vec sum_dxhat(acc_t(0)), sum_dxhat_xhat(acc_t(0));
             for_each_vector<acc_t>(dim, [&](int64_t d, int64_t n) {
@@ -356,52 +357,36 @@ shift_expand_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
                              acc_t(dim);
             const acc_t c2 = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, sum_dxhat_xhat) /
                              acc_t(dim);
-            // dh = rstd * (dxhat - c1 - xhat * c2); then the chain through h = x + gate * ((s - 1) x + t).
+            // dh = rstd * (dxhat - c1 - xhat * c2); then the chain through h = x + gate * ((s - 1) x + t),
+            // every row output and partial sum in one pass.
+            acc_t* grad_x_row = output_row(grad_x_p, row, scratch.slot(8));
+            acc_t* grad_shift_row = output_row(grad_shift_p, row, scratch.slot(9));
+            acc_t* grad_scale_row = output_row(grad_scale_p, row, scratch.slot(10));
             const Vec one(acc_t(1));
-            auto grad_h = [&](int64_t d, int64_t n) {
+            for_each_vector<acc_t>(dim, [&](int64_t d, int64_t n) {
               const Vec g = load(dy, d, n);
               const Vec dxh = weight_p ? g * load(weight_p, d, n) : g;
-              return Vec(inv_std) * (dxh - Vec(c1) - load(xhat, d, n) * Vec(c2));
-            };
-            // Pass 1 (reads dy): gradients that need dh but not the row buffer out_row.
-            for_each_vector<acc_t>(dim, [&](int64_t d, int64_t n) {
-              const Vec dh = grad_h(d, n);
+              const Vec dh = Vec(inv_std) * (dxh - Vec(c1) - load(xhat, d, n) * Vec(c2));
               (load(gate_sum, d, n) + dh * load(u_row, d, n)).store(gate_sum + d, n);
               const Vec dh_gated = gate_p ? dh * load(gate_p, d, n) : dh;
-              const Vec ds = dh_gated * load(in.x, d, n);
               (load(shift_sum, d, n) + dh_gated).store(shift_sum + d, n);
+              const Vec ds = dh_gated * load(in.x, d, n);
               if (expand_g != nullptr) {
                 const Vec expand_local = in.scale_local ? one + load(tanh_local, d, n) : one;
                 (load(expand_sum, d, n) + ds * expand_local).store(expand_sum + d, n);
               }
-              dh.store(u_row + d, n);  // u is not needed past this point: its slot now holds dh
-            });
-            acc_t* dh_row = u_row;
-            // Pass 2: the row outputs, one at a time through out_row (dy is no longer needed).
-            for_each_vector<acc_t>(dim, [&](int64_t d, int64_t n) {
-              const Vec dh = load(dh_row, d, n);
-              const Vec dh_gated = gate_p ? dh * load(gate_p, d, n) : dh;
-              (dh + dh_gated * (load(s_row, d, n) - one)).store(out_row + d, n);
-            });
-            store_row(out_row, grad_x_p + row * dim);
-            if (grad_shift_p != nullptr) {
-              for_each_vector<acc_t>(dim, [&](int64_t d, int64_t n) {
-                const Vec dh = load(dh_row, d, n);
-                (gate_p ? dh * load(gate_p, d, n) : dh).store(out_row + d, n);
-              });
-              store_row(out_row, grad_shift_p + row * dim);
-            }
-            if (grad_scale_p != nullptr) {
-              for_each_vector<acc_t>(dim, [&](int64_t d, int64_t n) {
-                const Vec dh = load(dh_row, d, n);
-                const Vec dh_gated = gate_p ? dh * load(gate_p, d, n) : dh;
+              (dh + dh_gated * (load(s_row, d, n) - one)).store(grad_x_row + d, n);
+              if (grad_shift_row != nullptr) dh_gated.store(grad_shift_row + d, n);
+              if (grad_scale_row != nullptr) {
                 const Vec a = load(tanh_local, d, n);
-                Vec g = dh_gated * load(in.x, d, n) * (one - a * a);
-                if (expand_g != nullptr) g = g * load(expand_g, d, n);
-                g.store(out_row + d, n);
-              });
-              store_row(out_row, grad_scale_p + row * dim);
-            }
+                Vec grad_scale = ds * (one - a * a);
+                if (expand_g != nullptr) grad_scale = grad_scale * load(expand_g, d, n);
+                grad_scale.store(grad_scale_row + d, n);
+              }
+            });
+            finish_row(grad_x_row, grad_x_p, row);
+            finish_row(grad_shift_row, grad_shift_p, row);
+            finish_row(grad_scale_row, grad_scale_p, row);
           }
         }
       });
