@@ -58,6 +58,22 @@ def backend_params():
     return params
 
 
+def kernel_op_params(op):
+    """(registered op, device, dtype) for opcheck: the C++ op (float64 on the CPU, float32 on a GPU) and the
+    Triton op (float32: on the GPU, or on CPU tensors through the interpreter)."""
+    usable = stepfusion_kernels.backends()
+    params = []
+    if "cpu" in usable:
+        cpp = getattr(torch.ops.stepfusion, op).default
+        params.append(pytest.param(cpp, "cpu", torch.float64, id="cpp-cpu"))
+        params.append(pytest.param(cpp, "cuda", torch.float32, id="cpp-cuda", marks=NEEDS_GPU))
+    if "triton" in usable or not HAS_CUDA:
+        device = "cuda" if HAS_CUDA else "cpu"
+        params.append(pytest.param(getattr(torch.ops.stepfusion, f"{op}_triton").default, device, torch.float32,
+                                   id=f"triton-{device}"))
+    return params
+
+
 def backend_dtype_params():
     params = []
     for param in backend_params():

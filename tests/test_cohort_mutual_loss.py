@@ -4,9 +4,9 @@ import torch.nn.functional as F
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (Case, HAS_CUDA, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_backend_selection_errors, check_deterministic_backward, randn,
-                     seeded_generator)
+from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
+                     kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.cohort_mutual_loss, ref=python_ref.cohort_mutual_loss)
 KINDS = ("kl", "mse")
@@ -156,21 +156,7 @@ def test_cpu_forward_bits_do_not_depend_on_thread_count(kind):
     assert torch.equal(results[0], results[1])
 
 
-def _kernel_ops():
-    usable = sk.backends()
-    ops = []
-    if "cpu" in usable:
-        ops.append(pytest.param(torch.ops.stepfusion.cohort_mutual_loss.default, "cpu", torch.float64, id="cpp-cpu"))
-        ops.append(pytest.param(torch.ops.stepfusion.cohort_mutual_loss.default, "cuda", torch.float32,
-                                id="cpp-cuda", marks=NEEDS_GPU))
-    if "triton" in usable or not HAS_CUDA:
-        device = "cuda" if HAS_CUDA else "cpu"
-        ops.append(pytest.param(torch.ops.stepfusion.cohort_mutual_loss_triton.default, device, torch.float32,
-                                id=f"triton-{device}"))
-    return ops
-
-
-@pytest.mark.parametrize(("op", "device", "dtype"), _kernel_ops())
+@pytest.mark.parametrize(("op", "device", "dtype"), kernel_op_params("cohort_mutual_loss"))
 @pytest.mark.parametrize("kind", KINDS)
 def test_opcheck(op, device, dtype, kind):
     generator = seeded_generator("opcheck", kind)

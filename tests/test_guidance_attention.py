@@ -3,9 +3,9 @@ import torch
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (Case, HAS_CUDA, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
+from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward, check_empty,
-                     prepare_inputs, randn, seeded_generator)
+                     kernel_op_params, prepare_inputs, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.guidance_attention, ref=python_ref.guidance_attention, float32_tolerance=1e-4)
 
@@ -117,21 +117,7 @@ def _op_samples(dtype, device="cpu"):
     return [banded, dense, global_only]
 
 
-def _kernel_ops():
-    usable = sk.backends()
-    ops = []
-    if "cpu" in usable:
-        ops.append(pytest.param(torch.ops.stepfusion.guidance_attention.default, "cpu", torch.float64, id="cpp-cpu"))
-        ops.append(pytest.param(torch.ops.stepfusion.guidance_attention.default, "cuda", torch.float32,
-                                id="cpp-cuda", marks=NEEDS_GPU))
-    if "triton" in usable or not HAS_CUDA:
-        device = "cuda" if HAS_CUDA else "cpu"
-        ops.append(pytest.param(torch.ops.stepfusion.guidance_attention_triton.default, device, torch.float32,
-                                id=f"triton-{device}"))
-    return ops
-
-
-@pytest.mark.parametrize(("op", "device", "dtype"), _kernel_ops())
+@pytest.mark.parametrize(("op", "device", "dtype"), kernel_op_params("guidance_attention"))
 def test_opcheck(op, device, dtype):
     for args in _op_samples(dtype, device):
         torch.library.opcheck(op, args)

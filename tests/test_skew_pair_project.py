@@ -5,7 +5,7 @@ import python_ref
 import stepfusion_kernels as sk
 from harness import (Case, HAS_CUDA, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward, check_empty,
-                     randn, seeded_generator)
+                     kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.skew_pair_project, ref=python_ref.skew_pair_project)
 REPEATED = ((0, 1), (4, 3), (0, 1), (2, 0), (4, 1))  # pair 0 and 2 repeat; A layer 4 and B layer 1 twice
@@ -126,21 +126,7 @@ def _op_samples(dtype, device="cpu"):
     return [shared, separate, per_pair, per_pair_shared]
 
 
-def _kernel_ops():
-    usable = sk.backends()
-    ops = []
-    if "cpu" in usable:
-        ops.append(pytest.param(torch.ops.stepfusion.skew_pair_project.default, "cpu", torch.float64, id="cpp-cpu"))
-        ops.append(pytest.param(torch.ops.stepfusion.skew_pair_project.default, "cuda", torch.float32,
-                                id="cpp-cuda", marks=NEEDS_GPU))
-    if "triton" in usable or not HAS_CUDA:
-        device = "cuda" if HAS_CUDA else "cpu"
-        ops.append(pytest.param(torch.ops.stepfusion.skew_pair_project_triton.default, device, torch.float32,
-                                id=f"triton-{device}"))
-    return ops
-
-
-@pytest.mark.parametrize(("op", "device", "dtype"), _kernel_ops())
+@pytest.mark.parametrize(("op", "device", "dtype"), kernel_op_params("skew_pair_project"))
 def test_opcheck(op, device, dtype):
     for args in _op_samples(dtype, device):
         torch.library.opcheck(op, args)

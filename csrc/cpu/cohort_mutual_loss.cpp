@@ -24,25 +24,12 @@
 #include <vector>
 
 #include "../cohort_mutual_loss.h"
+#include "vec.h"
 
 namespace stepfusion {
 namespace {
 
 using at::vec::Vectorized;
-
-// Calls body(c, n) over [0, classes) in steps of one vector; n < Vec::size() only on the tail.
-template <typename acc_t, typename Body>
-inline void for_each_vector(int64_t classes, Body body) {
-  constexpr int64_t width = Vectorized<acc_t>::size();
-  int64_t c = 0;
-  for (; c + width <= classes; c += width) body(c, width);
-  if (c < classes) body(c, classes - c);
-}
-
-template <typename acc_t>
-inline Vectorized<acc_t> load(const acc_t* ptr, int64_t c, int64_t n) {
-  return n == Vectorized<acc_t>::size() ? Vectorized<acc_t>::loadu(ptr + c) : Vectorized<acc_t>::loadu(ptr + c, n);
-}
 
 // sum over the classes of term(c, n) (a vector); the lanes past the end of a tail are dropped.
 template <typename acc_t, typename Term>

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../shift_expand.h"
+#include "vec.h"
 
 namespace stepfusion {
 namespace {
@@ -20,20 +21,6 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kTileRows = 32;
-
-// Calls body(d, n) over [0, dim) in steps of one vector; n < Vec::size() only on the tail.
-template <typename acc_t, typename Body>
-inline void for_each_vector(int64_t dim, Body body) {
-  constexpr int64_t width = Vectorized<acc_t>::size();
-  int64_t d = 0;
-  for (; d + width <= dim; d += width) body(d, width);
-  if (d < dim) body(d, dim - d);
-}
-
-template <typename acc_t>
-inline Vectorized<acc_t> load(const acc_t* ptr, int64_t d, int64_t n) {
-  return n == Vectorized<acc_t>::size() ? Vectorized<acc_t>::loadu(ptr + d) : Vectorized<acc_t>::loadu(ptr + d, n);
-}
 
 // tanh through one exp: Sleef's vector tanh costs several exps. |error| stays within a few ulp of 1,
 // which is what s = 1 + tanh and 1 - tanh^2 need; float64 keeps the exact tanh.

@@ -6,7 +6,6 @@ train and validation; the 4,500 test beats are the test split."""
 
 import os
 
-import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 

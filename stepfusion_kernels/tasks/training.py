@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
