@@ -1,29 +1,59 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU and no network: build the extension in place, run every test (GPU
-# tests included), run stepfusion-bench, and leave the logs and tables in $OUT (default ./gpu-results).
+# On a machine with an NVIDIA GPU and no network: build the extension in place, run every test (the GPU
+# tests first), run stepfusion-bench, and leave the logs and tables in $OUT (default ./gpu-results).
+#
+# Each stage has a time limit (seconds) so that one call of a leased machine always returns its logs:
+#   BUILD_S (300), GPU_TESTS_S (200), CPU_TESTS_S (0: skipped; the CPU tests run in CI), BENCH_S (150)
+#   BENCH_OPS   the ops to benchmark (default: all)
+#   TESTS       the test files or ids of the GPU stage (default: tests)
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu-results}"
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 status=0
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  nvcc --version | tail -n 2
 } > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
 
-echo "== build" | tee "$OUT/build.log"
-if ! python3 -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1; then
-  echo "build failed: see $OUT/build.log"; tail -n 40 "$OUT/build.log"; exit 1
+echo "== build"
+start=$SECONDS
+if ! timeout "${BUILD_S:-300}" python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  echo "build failed: see $OUT/build.log"; grep -n "error" "$OUT/build.log" | head -n 40; tail -n 20 "$OUT/build.log"; exit 1
+fi
+echo "built in $((SECONDS - start)) s"
+python3 -c "import stepfusion_kernels as s; print('backends', s.backends())"
+
+# pytest-xdist spreads the tests over processes when it is installed; they share the one GPU.
+parallel=()
+python3 -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+
+echo "== GPU tests"
+start=$SECONDS
+timeout "${GPU_TESTS_S:-200}" python3 -m pytest -q -rfEs "${parallel[@]}" -k "cuda" -m "not large_memory" \
+  ${TESTS:-tests} > "$OUT/tests.log" 2>&1 || status=1
+# The tests that take tens of GiB of GPU memory, one at a time.
+timeout "${GPU_TESTS_S:-200}" python3 -m pytest -q -rfEs -m large_memory tests/test_large_shapes.py \
+  >> "$OUT/tests.log" 2>&1 || status=1
+echo "GPU tests took $((SECONDS - start)) s"
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | head -n 60
+
+if [ "${CPU_TESTS_S:-0}" -gt 0 ]; then
+  echo "== the other tests"
+  timeout "$CPU_TESTS_S" python3 -m pytest -q -rfE "${parallel[@]}" -k "not cuda" -m "not large_memory" tests \
+    >> "$OUT/tests.log" 2>&1 || status=1
+  tail -n 3 "$OUT/tests.log"
 fi
 
-echo "== tests"
-python3 -m pytest -q -rs tests > "$OUT/tests.log" 2>&1 || status=1
-tail -n 30 "$OUT/tests.log"
-
-echo "== benchmarks"
-stepfusion-bench --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
-tail -n 60 "$OUT/bench.log"
+if [ "${BENCH_S:-150}" -gt 0 ]; then
+  echo "== benchmarks"
+  # shellcheck disable=SC2086
+  timeout "${BENCH_S:-150}" stepfusion-bench --out "$OUT" ${BENCH_OPS:+--ops $BENCH_OPS} > "$OUT/bench.log" 2>&1 || status=1
+  tail -n 60 "$OUT/bench.log"
+fi
 exit $status

@@ -279,7 +279,9 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock* kWarpSize)
         load_or_fill<T, VEC>(in.weight, d, 1.f, weight);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float dxhat = dy[j] * weight[j];
+          // Rounded products (no FMA contraction), the same in both passes: with dim == 1 the
+          // centred dxhat - c1 is then exactly zero, as the gradient is.
+          const float dxhat = __fmul_rn(dy[j], weight[j]);
           sum_dxhat += dxhat;
           sum_dxhat_xhat += dxhat * ((c.h[j] - mean) * rstd);
         }
@@ -300,7 +302,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock* kWarpSize)
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float xhat = (c.h[j] - mean) * rstd;
-          const float dh = rstd * (dy[j] * weight[j] - c1 - xhat * c2);
+          const float dh = rstd * (__fmul_rn(dy[j], weight[j]) - c1 - xhat * c2);
           dh_gated[j] = dh * c.gate[j];
           grad_x[j] = dh + dh_gated[j] * (c.s[j] - 1.f);
           dh_u[j] = dh * c.u[j];

@@ -32,7 +32,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="stepfusion-bench", description=__doc__)
     parser.add_argument("--out", default="bench-results", help="directory for results.csv, results.md, speedups.png")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=sorted(OPS))
+    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=sorted(OPS),
+                        help="the ops to benchmark, in this order")
     args = parser.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -45,18 +46,20 @@ def main(argv=None):
     print(header, flush=True)
     ceiling = copy_bandwidth_gb_per_s(device)
     print(f"measured copy bandwidth: {ceiling:.1f} GB/s", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+
+    def write_tables(rows):
+        write_csv(rows, os.path.join(args.out, "results.csv"))
+        with open(os.path.join(args.out, "results.md"), "w") as handle:
+            handle.write(f"{header}\n\nmeasured copy bandwidth: {ceiling:.1f} GB/s\n\n{markdown_table(rows)}\n")
+
     total = sum(len(case.modes) * len(case.contenders) for case in cases)
     with tqdm(total=total, desc="stepfusion-bench", unit="timing") as progress:
-        rows = run_cases(cases, ceiling_gb_per_s=ceiling, progress=progress)
+        rows = run_cases(cases, ceiling_gb_per_s=ceiling, progress=progress, after_case=write_tables)
 
-    table = markdown_table(rows)
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(rows, os.path.join(args.out, "results.csv"))
-    with open(os.path.join(args.out, "results.md"), "w") as handle:
-        handle.write(f"{header}\n\nmeasured copy bandwidth: {ceiling:.1f} GB/s\n\n{table}\n")
+    print(markdown_table(rows))
     plot_speedups(rows, os.path.join(args.out, "speedups.png"))
     print(f"wrote {args.out}/results.csv, results.md, speedups.png")
-    return rows
+    return 0  # the exit status of the console script
 
 

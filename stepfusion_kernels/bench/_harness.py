@@ -9,6 +9,11 @@ import os
 from typing import Callable, Optional
 
 import torch
+import torch._dynamo
+
+# Each workload shape and grad mode of a compiled contender is a graph of its own; past dynamo's default
+# limit of 8 a function silently falls back to eager (and FlexAttention to its unfused, dense path).
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 EAGER, COMPILE = "eager", "compile"
 FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"
@@ -120,8 +125,9 @@ def copy_bandwidth_gb_per_s(device, megabytes=512):
     return 2 * source.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def run_cases(cases, ceiling_gb_per_s=None, progress=None):
-    """Times every contender of every case in every mode; returns the rows."""
+def run_cases(cases, ceiling_gb_per_s=None, progress=None, after_case=None):
+    """Times every contender of every case in every mode; returns the rows. `after_case(rows)` is called
+    with the rows so far after each case (to keep partial results of a run that is cut short)."""
     rows = []
     for case in cases:
         for mode in case.modes:
@@ -147,6 +153,8 @@ def run_cases(cases, ceiling_gb_per_s=None, progress=None):
                     row.vs_eager = measured[EAGER].ms / row.ms
                 if COMPILE in measured:
                     row.vs_compile = measured[COMPILE].ms / row.ms
+        if after_case is not None:
+            after_case(rows)
     return rows
 
 
@@ -193,11 +201,13 @@ def plot_speedups(rows, path):
         contenders = list(dict.fromkeys(r.contender for r in op_rows))
         width = 0.8 / max(len(contenders), 1)
         for index, contender in enumerate(contenders):
-            values = [next((r.vs_eager for r in op_rows if (r.label, r.dtype, r.mode) == g and r.contender == contender),
-                           0.0) for g in groups]
+            values = [next((r.vs_eager for r in op_rows
+                            if (r.label, r.dtype, r.mode) == g and r.contender == contender), 0.0) for g in groups]
             axis.bar([g + index * width for g in range(len(groups))], values, width, label=contender)
         axis.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
-        axis.set_xticklabels([f"{label}\n{dtype} {mode}" for label, dtype, mode in groups], fontsize=7)
+        crowded = len(groups) > 8  # slanted labels, or they run into each other
+        axis.set_xticklabels([f"{label}\n{dtype} {mode}" for label, dtype, mode in groups], fontsize=7,
+                             rotation=25 if crowded else 0, ha="right" if crowded else "center")
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_yscale("log")
         axis.set_ylabel("speed-up over eager")

@@ -15,8 +15,7 @@ from ._harness import COMPILE, EAGER, FORWARD, FORWARD_BACKWARD, BenchCase
 # MAX_COMPILED_STUDENTS; the eager loop is the baseline at every S.
 SHAPES = {
     "cpu": [(8, 256, 10, "kl"), (32, 256, 10, "kl"), (8, 256, 100, "mse")],
-    "cuda": [(8, 256, 4, "kl"), (8, 256, 1000, "kl"), (32, 256, 100, "kl"), (32, 256, 1000, "kl"),
-             (32, 256, 1000, "mse"), (64, 256, 1000, "kl")],
+    "cuda": [(8, 256, 4, "kl"), (32, 256, 1000, "kl"), (64, 256, 1000, "mse")],
 }
 DTYPES = {"cpu": [torch.float32], "cuda": [torch.float32, torch.bfloat16]}
 MAX_COMPILED_STUDENTS = 8

@@ -17,8 +17,7 @@ LAYERS = 12
 # (N, E, F, P) per device; the CPU ones finish the whole run in well under a minute.
 SHAPES = {
     "cpu": [(64, 768, 2304, 1), (32, 768, 2304, 6), (256, 256, 512, 12)],
-    "cuda": [(16, 768, 2304, 1), (256, 768, 2304, 1), (4096, 768, 2304, 1), (256, 768, 2304, 12),
-             (4096, 768, 2304, 12)],
+    "cuda": [(16, 768, 2304, 1), (4096, 768, 2304, 1), (256, 768, 2304, 12), (4096, 768, 2304, 12)],
 }
 DTYPES = {"cpu": [torch.float32], "cuda": [torch.float32, torch.bfloat16]}
 DENSE = "dense GEMM"

@@ -12,9 +12,10 @@ from .._checks import check_tensor
 from ._library import register_kernel_ops
 
 OP = "guidance_attention"
-# Preferred GPU backends for `auto`, fastest first. Not yet measured on a GPU: the CUDA C++ kernel is
-# first until a benchmark says otherwise.
-GPU_ORDER = ("cuda", "triton")
+# Preferred GPU backends for `auto`, fastest first: Triton was 1.5-3x faster forward+backward than CUDA
+# C++ from L = 8192 on an H100, level at 4096, slower only at L = 1024
+# (benchmarks/results/h100-2026-11-22.md).
+GPU_ORDER = ("triton", "cuda")
 # Head dims the GPU kernels are compiled for (one tile of Dh columns per program).
 GPU_HEAD_DIMS = (16, 32, 64, 128)
 

@@ -12,8 +12,9 @@ from .._checks import check_tensor
 from ._library import register_kernel_ops
 
 OP = "skew_pair_project"
-# Preferred GPU backends for `auto`, fastest first. Not yet measured on a GPU: the CUDA C++ kernel is
-# first until a benchmark says otherwise.
+# Preferred GPU backends for `auto`, fastest first: neither wins everywhere on an H100
+# (benchmarks/results/h100-2026-11-22.md); CUDA C++ is faster in fp32 and at small N, Triton in bf16 at
+# N = 4096.
 GPU_ORDER = ("cuda", "triton")
 ANCHORS = ("top", "bottom")
 

@@ -14,8 +14,9 @@ import triton.language as tl
 
 from .._backend import triton_interpreted
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E_HOST = 1.4426950408889634  # log2(e), for the softmax scale passed to the kernels
+LOG2E = tl.constexpr(LOG2E_HOST)  # the kernels' own copies: a Triton kernel reads only constexpr globals
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _blocks():
@@ -251,7 +252,7 @@ def forward(q, k, v, k_global, v_global, window, scale):
     settings = _settings(q, window)
     block_m, block_n, num_warps, num_stages = _blocks()
     _forward_kernel[(triton.cdiv(len_q, block_m), batch * heads)](
-        q, k, v, k_global, v_global, out, lse, len_q, len_k, globals_, window, scale * LOG2E,
+        q, k, v, k_global, v_global, out, lse, len_q, len_k, globals_, window, scale * LOG2E_HOST,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **settings)
     return out, lse
 
@@ -281,12 +282,12 @@ def backward(grad_out, q, k, v, k_global, v_global, out, lse, window, scale):
         launch = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **settings)
         if len_k > 0:
             _backward_key_kernel[(triton.cdiv(len_k, block_n), batch * heads)](
-                q, k, v, grad_out, lse, delta, grad_k, grad_v, len_q, len_k, window, scale, scale * LOG2E,
+                q, k, v, grad_out, lse, delta, grad_k, grad_v, len_q, len_k, window, scale, scale * LOG2E_HOST,
                 **launch)
         if len_q > 0:
             _backward_query_kernel[(query_blocks, batch * heads)](
                 q, k, v, kg, vg, grad_out, lse, delta, grad_q, partial, len_q, len_k, globals_, window, scale,
-                scale * LOG2E, **launch)
+                scale * LOG2E_HOST, **launch)
     if not has_globals:
         return grad_q, grad_k, grad_v, q.new_empty(0), q.new_empty(0)
     # Fixed-shape reduction of the query blocks' partials: deterministic, no atomics.

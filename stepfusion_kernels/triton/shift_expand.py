@@ -69,12 +69,15 @@ def _forward_kernel(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, s
 @triton.jit
 def _backward_kernel(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr,
                      gate_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_ptr, grad_scale_local_ptr,
-                     grad_shift_local_ptr, partial_ptr, length, dim,
+                     grad_shift_local_ptr, partial_ptr, batch_size, length, dim,
                      HAS_SCALE_LOCAL: tl.constexpr, HAS_SHIFT_LOCAL: tl.constexpr, HAS_SCALE_GLOBAL: tl.constexpr,
                      HAS_SHIFT_GLOBAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    sample = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1).to(tl.int64)
+    # A one-dimensional grid: a long sample has more tiles than a grid's second axis takes (65535).
+    program = tl.program_id(0).to(tl.int64)
+    tiles = tl.num_programs(0) // batch_size
+    sample = program // tiles
+    tile = program % tiles
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < dim
     global_offs = sample * dim + cols
@@ -125,7 +128,7 @@ def _backward_kernel(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_
             tl.store(grad_scale_local_ptr + offs, grad_scale.to(grad_scale_local_ptr.dtype.element_ty), mask=mask)
 
     # Order along the partial buffer's axis 2: GATE, WEIGHT, BIAS, EXPAND_GLOBAL, SHIFT_GLOBAL.
-    partial = partial_ptr + (sample * tl.num_programs(1) + tile) * 5 * dim + cols
+    partial = partial_ptr + program * 5 * dim + cols  # program == sample * tiles + tile
     tl.store(partial + 0 * dim, sum_gate, mask=col_mask)
     tl.store(partial + 1 * dim, sum_weight, mask=col_mask)
     tl.store(partial + 2 * dim, sum_bias, mask=col_mask)
@@ -159,7 +162,7 @@ def forward(x, scale_local, shift_local, scale_global, shift_global, gate, weigh
         _or(weight, x), _or(bias, x), y, mean, rstd, length, dim, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         **_flags(scale_local, shift_local, scale_global, shift_global, gate),
-        BLOCK_D=block, num_warps=num_warps,
+        BLOCK_D=block, num_warps=num_warps, enable_fp_fusion=False,  # h must round as in the backward
     )
     return y, mean, rstd
 
@@ -179,13 +182,17 @@ def backward(grad_y, x, scale_local, shift_local, scale_global, shift_global, ga
     partial = torch.zeros((batch, tiles, 5, dim), device=x.device, dtype=torch.float32)
     if x.numel() > 0:
         block, num_warps = row_block(dim, "shift_expand")
-        _backward_kernel[(batch, tiles)](
+        _backward_kernel[(batch * tiles,)](
             grad_y.contiguous(), x, _or(scale_local, x), _or(shift_local, x), _or(scale_global, x),
             _or(shift_global, x), _or(gate, x), _or(weight, x), mean.contiguous(), rstd.contiguous(),
             grad_x, grad_scale_local if scale_local is not None else x,
-            grad_shift_local if shift_local is not None else x, partial, length, dim,
+            grad_shift_local if shift_local is not None else x, partial, batch, length, dim,
             HAS_WEIGHT=weight is not None, **_flags(scale_local, shift_local, scale_global, shift_global, gate),
             ROWS=rows, BLOCK_D=block, num_warps=num_warps,
+            # No fused multiply-adds, here and in the forward: the recomputed h must equal the forward's
+            # bit for bit, and grad_y * weight must round the same in c1 and in grad_xhat - c1, or a
+            # one-column row (h == mean, gradient exactly zero) is left with rounding error times rstd.
+            enable_fp_fusion=False,
         )
     # Second pass: fixed-shape reductions over the programs' partials (deterministic, no atomics).
     channel_sums = partial.sum(dim=(0, 1))

@@ -1,0 +1,50 @@
+"""Times the Triton guidance_attention kernels over tile settings at one workload (default: the issue's goal
+shape, B2 H8 L8192 window 128 G16 Dh64 bf16), forward and forward+backward, and checks every setting's
+outputs and gradients against the current default. GPU only. Usage: python scripts/tune_guidance_triton.py"""
+
+import sys
+
+import torch
+import triton.testing
+
+import stepfusion_kernels as sk
+from stepfusion_kernels.triton import guidance_attention as kernels
+
+CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 2, 3), (128, 64, 8, 2),
+           (64, 128, 4, 2), (128, 128, 8, 2), (32, 128, 4, 3), (128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)]
+
+
+def main(batch=2, heads=8, length=8192, window=128, globals_=16, head_dim=64):
+    torch.manual_seed(0)
+    tensors = [torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for n in (length, length, length, globals_, globals_)]
+    upstream = torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        return sk.guidance_attention(*tensors, window=window, backend="triton")
+
+    def run_backward():
+        return torch.autograd.grad(run(), tensors, upstream)
+
+    default = kernels._blocks()
+    reference = None
+    print(f"{'BLOCK_M, BLOCK_N, warps, stages':34} {'fwd ms':>8} {'fwd+bwd ms':>11} {'max rel diff':>13}")
+    for config in [default] + [c for c in CONFIGS if c != default]:
+        kernels._blocks = lambda config=config: config
+        try:
+            results = [run().detach()] + list(run_backward())
+        except Exception as error:  # a setting that does not fit (shared memory) is reported, not fatal
+            print(f"{str(config):34} failed: {type(error).__name__}: {str(error)[:80]}")
+            continue
+        if reference is None:
+            reference = results
+        diff = max(((r.float() - ref.float()).norm() / ref.float().norm()).item()
+                   for r, ref in zip(results, reference))
+        with torch.no_grad():
+            forward_ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        both_ms = triton.testing.do_bench(run_backward, warmup=25, rep=100, return_mode="median")
+        print(f"{str(config):34} {forward_ms:8.3f} {both_ms:11.3f} {diff:13.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))
