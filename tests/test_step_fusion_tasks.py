@@ -56,7 +56,10 @@ def test_ett_splits_on_etth1():
     assert (len(train_set), len(validation), len(test)) == (8449, 2785, 2785)
     np.testing.assert_allclose(train_set.values.numpy().mean(axis=0), 0, atol=1e-4)
     np.testing.assert_allclose(train_set.values.numpy().std(axis=0), 1, atol=1e-4)
-    history, calendar, future = validation[0]
+    history, calendar, future, phase = validation[0]
+    # The daily phase of a window's first row: validation starts at row 8544, 2017-06-22 00:00.
+    assert str(table.dates[8544]) == "2017-06-22T00:00" and phase == 0
+    assert [test[k][3] for k in (0, 5, 23, 24)] == [0, 5, 23, 0] and train_set[13][3] == 13
     strided = ett.load_splits(os.path.join(DATA, "ett", "ETTh1.csv"), 96, 96, eval_stride=10)[0]
     assert (len(strided[0]), len(strided[1]), len(strided[2])) == (8449, 279, 279)
     torch.testing.assert_close(strided[2][5][2], test[50][2])
@@ -75,6 +78,35 @@ def test_ett_forecaster_is_equivariant_to_a_level_shift():
     forecast = model(history, calendar)
     assert forecast.shape == (2, 6, 3)
     torch.testing.assert_close(model(history + 5.0, calendar), forecast + 5.0, rtol=1e-4, atol=1e-4)
+
+
+def test_ett_forecaster_cycle_enters_at_the_window_phase():
+    config = StepFusionConfig(in_a=3 * 8, in_b=3 + 4, max_len_a=3, max_len_b=16, head="forecast", horizon=6,
+                              out_vars=3, skip_len=16, dim=8, heads=2, steps=1, dropout=0.0, backend="cpu")
+    torch.manual_seed(0)
+    model = ett.RevinForecaster(config, 8, 4, cycle_len=5).eval()
+    with torch.no_grad():
+        model.cycle.copy_(torch.randn(5, 3))
+    history, calendar = torch.randn(2, 16, 3), torch.rand(2, 16, 4) - 0.5
+    phase = torch.tensor([0, 3])
+    with torch.no_grad():
+        forecast = model(history, calendar, phase)
+        # Rolling the cycle by k and moving the phase by k is the same model.
+        rolled = ett.RevinForecaster(config, 8, 4, cycle_len=5).eval()
+        rolled.load_state_dict(model.state_dict())
+        rolled.cycle.copy_(torch.roll(model.cycle, 2, dims=0))
+        torch.testing.assert_close(rolled(history, calendar, phase + 2), forecast)
+        torch.testing.assert_close(model(history, calendar, phase + 5), forecast)
+        # With the network silenced, the forecast is the cycle at the 6 rows after the 16-row history,
+        # in the window's own scale.
+        for parameter in model.net.parameters():
+            parameter.zero_()
+        mean = history.mean(dim=1, keepdim=True)
+        std = torch.sqrt(history.var(dim=1, keepdim=True, unbiased=False) + ett.REVIN_EPS)
+        expected = model.cycle[(phase[:, None] + torch.arange(16, 22)) % 5] * std + mean
+        torch.testing.assert_close(model(history, calendar, phase), expected)
+    with pytest.raises(ValueError, match="phase"):
+        model(history, calendar)
 
 
 @needs_data
@@ -175,3 +207,39 @@ def test_cli_mitdb_end_to_end(tmp_path, capsys):
 def test_cli_rejects_an_unknown_task():
     with pytest.raises(SystemExit):
         cli.main(["imagenet"])
+
+
+def test_class_weights_from_training_counts():
+    labels = np.array([0] * 8 + [1] * 2 + [3] * 1)  # class 2 absent
+    assert common.class_weights(labels, 4, "none") is None
+    inverse = common.class_weights(labels, 4, "inverse")
+    # 1/n_c scaled so that the mean weight over the 11 samples is 1: each present class then carries 11/3.
+    torch.testing.assert_close(inverse, torch.tensor([1 / 8, 1 / 2, 1.0, 1.0]) * 11 / 3)
+    root = common.class_weights(labels, 4, "inverse-sqrt")
+    expected = torch.tensor([8, 2, 1, 1], dtype=torch.float64).rsqrt()
+    expected = expected * 11 / (expected * torch.tensor([8.0, 2, 0, 1], dtype=torch.float64)).sum()
+    torch.testing.assert_close(root, expected.float())
+    with pytest.raises(ValueError, match="class weighting"):
+        common.class_weights(labels, 4, "balanced")
+    # The weighted loss is the weighted cross-entropy of the model's logits.
+    logits = torch.randn(5, 4)
+    batch_labels = torch.tensor([0, 1, 3, 0, 1])
+    loss = common.classification_loss_with(inverse)(lambda a, b: logits, (None, None, batch_labels))
+    weights = inverse[batch_labels]
+    manual = -(weights * torch.log_softmax(logits, -1)[torch.arange(5), batch_labels]).sum() / weights.sum()
+    torch.testing.assert_close(loss, manual)
+
+
+def test_ett_mean_cycle_recovers_a_daily_pattern():
+    # Values = a pattern of period 24 plus noise: the mean normalised value per phase follows the pattern.
+    generator = np.random.default_rng(0)
+    rows, lookback = 24 * 40 + 5, 48
+    pattern = np.stack([np.sin(2 * np.pi * np.arange(24) / 24), np.cos(4 * np.pi * np.arange(24) / 24)], 1)
+    phase0 = 7  # row 0 at 07:00
+    values = (pattern[(phase0 + np.arange(rows)) % 24] + 0.05 * generator.standard_normal((rows, 2))).astype(np.float32)
+    calendar = np.zeros((rows, 4), np.float32)
+    windows = ett.EttWindows(values, calendar, (0, rows), lookback, 12, cycle_len=24, first_phase=phase0)
+    cycle = ett.mean_cycle(windows).numpy()
+    assert cycle.shape == (24, 2)
+    # A 48-row window holds two whole periods, so RevIN's mean is ~0 and its std that of the pattern.
+    np.testing.assert_allclose(cycle, pattern / pattern.std(axis=0), atol=0.05)

@@ -6,6 +6,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from . import metrics  # noqa: E402
@@ -28,9 +29,33 @@ def stratified_split(labels, fractions, seed):
     return [np.sort(np.array(part, dtype=np.int64)) for part in parts]
 
 
-def classification_loss(model, batch):
-    a, b, labels = batch
-    return F.cross_entropy(model(a, b), labels)
+CLASS_WEIGHTINGS = ("none", "inverse-sqrt", "inverse")
+
+
+def class_weights(labels, num_classes, kind):
+    """Cross-entropy weights from the training labels' counts n_c: none (None), 1/sqrt(n_c) or 1/n_c, scaled
+    so that the mean weight over the training samples is 1 (the loss keeps its scale). An absent class gets
+    the weight of a class seen once."""
+    if kind not in CLASS_WEIGHTINGS:
+        raise ValueError(f"class weighting must be one of {CLASS_WEIGHTINGS}, got {kind!r}")
+    if kind == "none":
+        return None
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
+    seen = counts.clamp(min=1)
+    weights = seen.rsqrt() if kind == "inverse-sqrt" else seen.reciprocal()
+    return (weights * counts.sum() / (weights * counts).sum()).float()
+
+
+def classification_loss_with(weights=None):
+    """The cross-entropy loss of a task's (a, b, labels) batches, with optional per-class weights."""
+    def loss(model, batch):
+        a, b, labels = batch
+        return F.cross_entropy(model(a, b), labels, weight=None if weights is None else weights.to(labels.device))
+
+    return loss
+
+
+classification_loss = classification_loss_with()
 
 
 def classification_predict(model, batch):

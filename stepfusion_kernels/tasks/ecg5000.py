@@ -11,8 +11,8 @@ from torch.utils.data import TensorDataset
 
 from ..data import resolve_data_path, ucr
 from ..models import StepFusionConfig, StepFusionNet
-from .common import (classification_loss, classification_metrics, classification_predict, confusion_plot,
-                     stratified_split)
+from .common import (CLASS_WEIGHTINGS, class_weights, classification_loss_with, classification_metrics,
+                     classification_predict, confusion_plot, stratified_split)
 from .training import TaskSetup
 
 NAME = "ecg5000"
@@ -44,6 +44,8 @@ def add_arguments(parser):
     parser.add_argument("--n-fft", type=int, default=32)
     parser.add_argument("--hop", type=int, default=4)
     parser.add_argument("--validation-fraction", type=float, default=0.2)
+    parser.add_argument("--class-weights", default="none", choices=CLASS_WEIGHTINGS,
+                        help="cross-entropy class weights from the training counts")
     parser.set_defaults(**MODEL_DEFAULTS, **TRAINING_DEFAULTS)
 
 
@@ -70,9 +72,10 @@ def build(args, model_kwargs):
                               max_len_b=train_frames.shape[1], head="classify", num_classes=num_classes,
                               **model_kwargs)
     class_names = [str(c + 1) for c in range(num_classes)]  # the archive's own labels 1..5
+    loss = classification_loss_with(class_weights(labels[fit], num_classes, args.class_weights))
     return TaskSetup(name=NAME, model=StepFusionNet(config), train=subset(fit), validation=subset(held_out),
-                     test=test, loss=classification_loss, predict=classification_predict,
+                     test=test, loss=loss, predict=classification_predict,
                      evaluate=classification_metrics(num_classes), plot=confusion_plot(class_names, "ECG5000 test"),
                      selection="accuracy", higher_is_better=True,
                      description={"data": path, "sizes": [len(fit), len(held_out), len(test_labels)],
-                                  "n_fft": args.n_fft, "hop": args.hop})
+                                  "n_fft": args.n_fft, "hop": args.hop, "class_weights": args.class_weights})

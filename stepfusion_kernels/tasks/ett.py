@@ -11,8 +11,13 @@ Choices (stated here so the numbers can be read):
   attention's aligned centre maps each patch to the steps it covers;
 - the forecast is the model's linear map from the fused A tokens to horizon x 7, plus its
   channel-independent linear map of each variable's normalised window to its horizon (RLinear), so the
-  fusion path learns a correction to a strong linear forecaster. Full channel independence (7x the
-  series per batch) was too slow for the CPU budget this was developed on."""
+  fusion path learns a correction to a strong linear forecaster;
+- residual cycle forecasting (CycleNet, Lin et al. 2024): a learned daily cycle per variable (24 hourly
+  or 96 quarter-hourly values) is subtracted from the normalised window at its phase and added back to
+  the forecast at the phase that follows, so the model forecasts what the daily pattern leaves over.
+  The cycle starts from the training windows' mean RevIN-normalised value at each phase (`mean_cycle`)
+  rather than zeros, so that training only refines it.
+Full channel independence (7x the series per batch) was too slow for the CPU budget this was developed on."""
 
 import os
 
@@ -35,6 +40,7 @@ from .training import TaskSetup  # noqa: E402
 NAME = "ett"
 DEFAULT_DATA = os.path.join("ett", "ETTh1.csv")
 HORIZONS = (96, 192, 336, 720)
+HOURS_PER_DAY = 24
 REVIN_EPS = 1e-5
 MODEL_DEFAULTS = {"dim": 16, "heads": 4, "layers_a": 1, "layers_b": 1, "steps": 1, "window": 2,
                   "global_tokens": 2, "dropout": 0.1, "gate_init": 0.1}
@@ -42,14 +48,17 @@ TRAINING_DEFAULTS = {"epochs": 2, "batch_size": 32, "lr": 1e-3}
 
 
 class EttWindows(Dataset):
-    """(history (lookback, V), calendar (lookback, 4), future (horizon, V)) for every `stride`-th window
-    whose rows lie in [start, end) (stride 1, every window, is the standard protocol)."""
+    """(history (lookback, V), calendar (lookback, 4), future (horizon, V), phase) for every `stride`-th
+    window whose rows lie in [start, end) (stride 1, every window, is the standard protocol). `phase` is
+    the first history row's position in the daily cycle of `cycle_len` rows; row 0 of the table is at
+    position `first_phase`."""
 
-    def __init__(self, values, calendar, bounds, lookback, horizon, stride=1):
+    def __init__(self, values, calendar, bounds, lookback, horizon, stride=1, cycle_len=24, first_phase=0):
         start, end = bounds
+        self.phase_offset = first_phase + start
         self.values = torch.from_numpy(values[start:end])
         self.calendar = torch.from_numpy(calendar[start:end])
-        self.lookback, self.horizon, self.stride = lookback, horizon, stride
+        self.lookback, self.horizon, self.stride, self.cycle_len = lookback, horizon, stride, cycle_len
         self.count = -(-max(0, end - start - lookback - horizon + 1) // stride)
 
     def __len__(self):
@@ -59,14 +68,15 @@ class EttWindows(Dataset):
         index *= self.stride
         middle = index + self.lookback
         return (self.values[index:middle], self.calendar[index:middle],
-                self.values[middle:middle + self.horizon])
+                self.values[middle:middle + self.horizon], (self.phase_offset + index) % self.cycle_len)
 
 
 def load_splits(path, lookback, horizon, eval_stride=1):
     """Train/validation/test EttWindows of the z-scored table (training statistics), and the table; the
     validation and test splits keep every `eval_stride`-th window."""
     table = ett_data.read_ett(path)
-    bounds = ett_data.split_bounds(lookback, ett_data.steps_per_hour(table.dates))
+    per_hour = ett_data.steps_per_hour(table.dates)
+    bounds = ett_data.split_bounds(lookback, per_hour)
     if bounds[-1][1] > len(table.values):
         raise ValueError(f"{path}: the standard split needs {bounds[-1][1]} rows, the file has {len(table.values)}")
     train_rows = table.values[bounds[0][0]:bounds[0][1]]
@@ -74,31 +84,62 @@ def load_splits(path, lookback, horizon, eval_stride=1):
     values = ((table.values - mean) / std).astype(np.float32)
     calendar = ett_data.calendar_features(table.dates)
     strides = (1, eval_stride, eval_stride)
-    return [EttWindows(values, calendar, b, lookback, horizon, s) for b, s in zip(bounds, strides)], table
+    cycle_len = HOURS_PER_DAY * per_hour
+    minutes = int((table.dates[0] - table.dates[0].astype("datetime64[D]")) / np.timedelta64(1, "m"))
+    first_phase = minutes * per_hour // 60
+    return [EttWindows(values, calendar, b, lookback, horizon, s, cycle_len, first_phase)
+            for b, s in zip(bounds, strides)], table
+
+
+def mean_cycle(windows):
+    """(cycle_len, V): the mean over the training windows of each variable's RevIN-normalised value at
+    each phase of the daily cycle."""
+    lookback, cycle_len = windows.lookback, windows.cycle_len
+    history = windows.values.unfold(0, lookback, windows.stride)[:len(windows)].transpose(1, 2)  # (W, L, V)
+    mean = history.mean(dim=1, keepdim=True)
+    std = torch.sqrt(history.var(dim=1, keepdim=True, unbiased=False) + REVIN_EPS)
+    starts = windows.phase_offset + windows.stride * torch.arange(len(windows))
+    phases = (starts[:, None] + torch.arange(lookback)[None, :]) % cycle_len
+    sums = torch.zeros(cycle_len, history.shape[2]).index_add_(0, phases.flatten(),
+                                                               ((history - mean) / std).flatten(0, 1))
+    counts = torch.bincount(phases.flatten(), minlength=cycle_len).clamp(min=1)
+    return sums / counts[:, None]
 
 
 class RevinForecaster(nn.Module):
-    """RevIN around a StepFusionNet forecast head: history (B, L, V) and calendar (B, L, C) ->
-    forecast (B, horizon, V)."""
+    """RevIN around a StepFusionNet forecast head: history (B, L, V), calendar (B, L, C) and the window's
+    phase in the daily cycle (B,) -> forecast (B, horizon, V). With cycle_len 0 there is no cycle."""
 
-    def __init__(self, config, patch_len, patch_stride):
+    def __init__(self, config, patch_len, patch_stride, cycle_len=0):
         super().__init__()
         self.config = config
         self.patch_len, self.patch_stride = patch_len, patch_stride
         self.net = StepFusionNet(config)
+        self.cycle = nn.Parameter(torch.zeros(cycle_len, config.out_vars)) if cycle_len > 0 else None
 
     @staticmethod
     def num_patches(lookback, patch_len, patch_stride):
         return (lookback - patch_len) // patch_stride + 1
 
-    def forward(self, history, calendar):
+    def _cycle_at(self, phase, offset, length):
+        positions = torch.arange(offset, offset + length, device=phase.device)
+        return self.cycle[(phase[:, None] + positions[None, :]) % self.cycle.shape[0]]
+
+    def forward(self, history, calendar, phase=None):
         mean = history.mean(dim=1, keepdim=True)
         std = torch.sqrt(history.var(dim=1, keepdim=True, unbiased=False) + REVIN_EPS)
         normalised = (history - mean) / std
+        if self.cycle is not None:
+            if phase is None:
+                raise ValueError("RevinForecaster: phase is required when the model has a cycle")
+            normalised = normalised - self._cycle_at(phase, 0, history.shape[1])
         # (B, L, V) -> (B, P, V, patch_len) -> (B, P, V * patch_len): a patch token holds every variable.
         patches = normalised.unfold(1, self.patch_len, self.patch_stride).flatten(2)
         steps = torch.cat([normalised, calendar], dim=-1)
-        return self.net(patches, steps, skip=normalised) * std + mean
+        forecast = self.net(patches, steps, skip=normalised)
+        if self.cycle is not None:
+            forecast = forecast + self._cycle_at(phase, history.shape[1], forecast.shape[1])
+        return forecast * std + mean
 
 
 def add_arguments(parser):
@@ -106,6 +147,7 @@ def add_arguments(parser):
     parser.add_argument("--lookback", type=int, default=96)
     parser.add_argument("--patch-len", type=int, default=16)
     parser.add_argument("--patch-stride", type=int, default=8)
+    parser.add_argument("--no-cycle", action="store_true", help="no residual daily cycle (CycleNet's RCF)")
     parser.add_argument("--eval-stride", type=int, default=1,
                         help="evaluate every n-th validation/test window (1, every window, is the protocol)")
     parser.set_defaults(**MODEL_DEFAULTS, **TRAINING_DEFAULTS)
@@ -119,15 +161,18 @@ def build(args, model_kwargs):
     config = StepFusionConfig(in_a=variables * args.patch_len, in_b=variables + train.calendar.shape[1],
                               max_len_a=patches, max_len_b=args.lookback, head="forecast", horizon=args.horizon,
                               out_vars=variables, skip_len=args.lookback, **model_kwargs)
-    model = RevinForecaster(config, args.patch_len, args.patch_stride)
+    model = RevinForecaster(config, args.patch_len, args.patch_stride, 0 if args.no_cycle else train.cycle_len)
+    if model.cycle is not None:
+        with torch.no_grad():
+            model.cycle.copy_(mean_cycle(train))
 
     def loss(model, batch):
-        history, calendar, future = batch
-        return F.mse_loss(model(history, calendar), future)
+        history, calendar, future, phase = batch
+        return F.mse_loss(model(history, calendar, phase), future)
 
     def predict(model, batch):
-        history, calendar, future = batch
-        return model(history, calendar), future
+        history, calendar, future, phase = batch
+        return model(history, calendar, phase), future
 
     def evaluate(prediction, target):
         return {"mse": metrics.mse(prediction, target), "mae": metrics.mae(prediction, target)}
@@ -138,6 +183,7 @@ def build(args, model_kwargs):
                      description={"data": path, "lookback": args.lookback, "horizon": args.horizon,
                                   "windows": [len(train), len(validation), len(test)],
                                   "eval_stride": args.eval_stride,
+                                  "cycle_len": 0 if args.no_cycle else train.cycle_len,
                                   "variables": table.columns})
 
 

@@ -12,8 +12,8 @@ from torch.utils.data import TensorDataset
 
 from ..data import resolve_data_path, wfdb
 from ..models import StepFusionConfig, StepFusionNet
-from .common import (classification_loss, classification_metrics, classification_predict, confusion_plot,
-                     stratified_split)
+from .common import (CLASS_WEIGHTINGS, class_weights, classification_loss_with, classification_metrics,
+                     classification_predict, confusion_plot, stratified_split)
 from .training import TaskSetup
 
 NAME = "mitdb"
@@ -69,6 +69,8 @@ def add_arguments(parser):
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="share of beats in the test split when no DS1/DS2 records are present")
+    parser.add_argument("--class-weights", default="none", choices=CLASS_WEIGHTINGS,
+                        help="cross-entropy class weights from the training counts")
     parser.set_defaults(**MODEL_DEFAULTS, **TRAINING_DEFAULTS)
 
 
@@ -90,8 +92,10 @@ def build(args, model_kwargs):
                               num_classes=num_classes, **model_kwargs)
     counts = [np.bincount(s[1], minlength=num_classes).tolist() for s in splits]
     return TaskSetup(name=NAME, model=StepFusionNet(config), train=train, validation=validation, test=test,
-                     loss=classification_loss, predict=classification_predict,
+                     loss=classification_loss_with(class_weights(splits[0][1], num_classes, args.class_weights)),
+                     predict=classification_predict,
                      evaluate=classification_metrics(num_classes),
                      plot=confusion_plot(list(wfdb.AAMI_CLASSES), "MIT-BIH test"),
                      selection="macro_f1", higher_is_better=True,
-                     description={"data": directory, "class_counts": counts, **description})
+                     description={"data": directory, "class_counts": counts, "class_weights": args.class_weights,
+                                  **description})
