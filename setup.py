@@ -140,6 +140,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.3"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.3", "scikit-learn"],
+        "ssfn": ["scikit-learn"],           # the ssfn-digits task's 8x8 digits (load_digits, bundled)
+        "hf": ["transformers"],             # models.HuggingFaceLayerStack on Hugging Face encoders
     },
     entry_points={"console_scripts": ["stepfusion-bench=stepfusion_kernels.bench:main",
                                      "stepfusion-train=stepfusion_kernels.train:main"]},

@@ -5,6 +5,7 @@
     stepfusion-train mitdb --data /path/to/mitdb --out runs/mitdb
     torchrun --nproc_per_node=2 -m stepfusion_kernels.train ett --max-steps 100   # DistributedDataParallel
     stepfusion-train metafusion-alzheimer --repeats 5 --out runs/metafusion-alzheimer   # Meta Fusion
+    stepfusion-train ssfn-digits --sweep --out runs/ssfn-digits                          # SSFN skew sweep
 
 --data is a file or directory (default: the task's folder under $STEPFUSION_DATA, which defaults to
 ../shared/data next to the checkout). A run shows tqdm progress, keeps the best-validation checkpoint
@@ -18,7 +19,7 @@ import torch
 
 from ._backend import BACKENDS
 from .tasks import TASKS
-from .tasks import meta_fusion
+from .tasks import meta_fusion, ssfn
 from .tasks.training import TrainingOptions, train
 
 # Flag -> StepFusionConfig field, for the model options every task shares.
@@ -62,6 +63,9 @@ def parser():
     # Meta Fusion trains cohorts of students, not StepFusionNet: its tasks bring their own flags.
     for name in meta_fusion.TASKS:
         meta_fusion.add_arguments(tasks.add_parser(name, help=f"Meta Fusion: {name.split('-', 1)[1]}"))
+    # SSFN trains frozen encoders and many small fusion heads: its tasks bring their own flags too.
+    for name in ssfn.TASKS:
+        ssfn.add_arguments(tasks.add_parser(name, help=f"SSFN: {name.split('-', 1)[1]}"))
     return top
 
 
@@ -69,6 +73,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.task in meta_fusion.TASKS:
         meta_fusion.run(args)
+        return 0
+    if args.task in ssfn.TASKS:
+        ssfn.run(args)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
