@@ -8,8 +8,8 @@
 // gather). One GEMM per tile writes P N rows of the output at once. The backward works the same way on
 // the layers in use: per tile, the sum over a layer's pairs of their output gradients (added in pair
 // order), one GEMM for d_h of those layers and one for their term of d_weight, which adds the tiles in
-// order, so the gradients are the same bits on every run (no floating-point atomics). The tile size
-// depends only on the shapes; the GEMMs are threaded by the BLAS library.
+// order, so the gradients are the same bits on every run (no floating-point atomics). Each GEMM runs as
+// single-threaded GEMMs on blocks of columns, one per thread (see gemm_by_columns).
 //
 // Weights per pair (P, F, E) need one GEMM per pair anyway: those run as single-threaded GEMMs on views
 // of the stacks inside one at::parallel_for over (pair, side, row block) tasks, so that a few pairs of a
@@ -35,6 +35,8 @@ constexpr int64_t kMinBlockRows = 64;
 // Workspace of one row tile of the shared-weight path: large enough that a GEMM call's packing of the
 // weight is spread over hundreds of rows, small next to the outputs and the weight's gradient.
 constexpr int64_t kTileBytes = int64_t{2} << 20;
+// Samples per pair from which the forward reads each pair's rows in place instead of gathering tiles.
+constexpr int64_t kInPlaceRows = 256;
 
 // Splits `rows` into blocks so that `units` x blocks is at least the number of threads.
 int64_t block_rows_for(int64_t rows, int64_t units) {
@@ -112,15 +114,17 @@ struct SlotRows {
 
   // Rows [begin, end) copied into the first rows of `workspace` (same dtype and width), or their view.
   at::Tensor read(int64_t begin, int64_t end, const at::Tensor& workspace) const {
-    at::Tensor in_place = view(begin, end);
+    const at::Tensor in_place = view(begin, end);
     if (in_place.defined()) return in_place;
+    const at::Tensor tile = workspace.narrow(0, 0, end - begin);
     const int64_t row_bytes = rows_of.size(1) * rows_of.element_size();
+    if (row_bytes == 0) return tile;  // E = 0: no data, and memcpy must not see the null pointers
     const char* source = static_cast<const char*>(rows_of.const_data_ptr());
-    char* target = static_cast<char*>(workspace.data_ptr());
+    char* target = static_cast<char*>(tile.data_ptr());
     for_each_run(begin, end, [&](int64_t layer, int64_t sample, int64_t count, int64_t tile_row) {
       std::memcpy(target + tile_row * row_bytes, source + (layer * samples + sample) * row_bytes, count * row_bytes);
     });
-    return workspace.narrow(0, 0, end - begin);
+    return tile;
   }
 
   // Writes rows [begin, end) of the virtual matrix, held in the first rows of `tile`, to their rows in `rows_of`.
@@ -144,9 +148,9 @@ void accumulate_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 }
 
 // out = a @ b (+ bias), or out += a @ b when accumulating, as one single-threaded GEMM per block of
-// columns of b and out inside at::parallel_for: each thread packs only its columns of b (the weight's
-// packing is done once per call, not once per thread), and no GEMM waits at a barrier for a thread that
-// a busy machine has descheduled, which the BLAS library's own threading does.
+// columns of b and out inside at::parallel_for: each thread packs only its columns of b, so one call
+// packs the weight once in all, and no GEMM waits at a barrier for a thread that a busy machine has
+// descheduled, as the BLAS library's own threads do (measured: slower than this under load).
 void gemm_by_columns(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                      bool accumulate) {
   const int64_t columns = out.size(1);
@@ -176,7 +180,9 @@ void project_shared(const at::Tensor& stack, const std::vector<int64_t>& layers,
   const SlotRows x{as_rows(stack), layers, samples};
   const at::Tensor out_rows = as_rows(out);
   const int64_t rows = out_rows.size(0);
-  const int64_t tile = tile_rows_for(rows, in_f * stack.element_size());
+  // From kInPlaceRows samples on, one pair's rows spread the weight's packing well enough: a tile per
+  // pair, read in place, costs less than gathering several pairs.
+  const int64_t tile = samples >= kInPlaceRows ? samples : tile_rows_for(rows, in_f * stack.element_size());
   const at::Tensor weight_t = params.weight.t();
   // Only tiles that are not views of the stack need it; P = 1 and runs of consecutive layers never do.
   at::Tensor workspace;
@@ -189,8 +195,9 @@ void project_shared(const at::Tensor& stack, const std::vector<int64_t>& layers,
 }
 
 // Per-pair weights: tasks over (pair, side, row block), each one single-threaded GEMM on views.
-void project_per_pair(const at::Tensor (&stacks)[2], const std::vector<int64_t>& index, const SideParams* const (&params)[2],
-                      at::Tensor (&outputs)[2], int64_t num_pairs, int64_t samples) {
+void project_per_pair(const at::Tensor (&stacks)[2], const std::vector<int64_t>& index,
+                      const SideParams* const (&params)[2], at::Tensor (&outputs)[2], int64_t num_pairs,
+                      int64_t samples) {
   const int64_t block = block_rows_for(samples, 2 * num_pairs);
   const int64_t blocks = ceil_div(samples, block);
   // Task t = ((k * 2) + side) * blocks + row block.
@@ -278,7 +285,8 @@ void backward_shared_side(const at::Tensor& stack, const at::Tensor& grad, const
   // Holds d_h of a tile that is no view of grad_stack, then h of a tile that is no view of the stack.
   const at::Tensor rows_space = at::empty({tile, in_f}, stack.options());
   // bf16 sums over several pairs are added in fp32 and rounded once.
-  at::Tensor sum_space = dtype == acc_type ? at::Tensor() : at::empty({samples, out_f}, stack.options().dtype(acc_type));
+  const at::Tensor sum_space =
+      dtype == acc_type ? at::Tensor() : at::empty({samples, out_f}, stack.options().dtype(acc_type));
   for (int64_t begin = 0; begin < rows; begin += tile) {
     const int64_t end = std::min(rows, begin + tile);
     const at::Tensor grad_tile = grad_tile_space.narrow(0, 0, end - begin);
