@@ -1,11 +1,12 @@
 // skew_pair_project on the CPU.
 //
 // A shared weight (F, E) is used by all 2P products, so they go through as few GEMM calls as possible:
-// each call of a BLAS GEMM packs its weight operand again (7 MB for 2304 x 768 in fp32), which costs more
-// than the products themselves when N is small. The rows ha[i_k] of all pairs are read as one virtual
-// (P N, E) matrix in row tiles of at most kTileBytes: a tile whose rows lie consecutively in the stack is
-// a view of it; any other tile is gathered into a workspace of that size (never the whole (P, N, E)
-// gather). One GEMM per tile writes P N rows of the output at once. The backward works the same way on
+// each call of a BLAS GEMM packs its weight operand again (7 MB for 2304 x 768 in fp32), which dominates
+// when N is small (measured: one GEMM per pair ran at half the eager loop's speed for N = 32, P = 6). The
+// rows ha[i_k] of all pairs are read as one virtual (P N, E) matrix in row tiles of at most kTileBytes
+// (one pair per tile from kInPlaceRows samples on): a tile whose rows lie consecutively in the stack is a
+// view of it; any other tile is gathered into a workspace of that size (never the whole (P, N, E)
+// gather). One GEMM per tile writes the tile's rows of the output. The backward works the same way on
 // the layers in use: per tile, the sum over a layer's pairs of their output gradients (added in pair
 // order), one GEMM for d_h of those layers and one for their term of d_weight, which adds the tiles in
 // order, so the gradients are the same bits on every run (no floating-point atomics). Each GEMM runs as
