@@ -58,6 +58,20 @@ def test_matches_reference(case, backend, device, dtype):
     check_against_reference(OP, case, backend, device, dtype)
 
 
+# Wide enough rows that the CPU kernel's shared-weight path runs several row tiles (2 MiB each in fp32 and
+# fp64): tiles that start inside a pair's rows, gathered tiles, and tiles read or written in place (runs of
+# consecutive layers, e.g. the A layers in use 0..4 and the pairs k = 3..7 on A, k = 0..3 on B).
+TILED = [make_case(8, 6, 70, 1000, 7, pairs=((7, 0), (4, 1), (7, 2), (0, 3), (1, 3), (2, 5), (3, 4), (4, 4)),
+                   separate_b=separate_b, name="tiled" + ("-sepB" if separate_b else "-shared"))
+         for separate_b in (False, True)]
+
+
+@pytest.mark.parametrize("case", TILED, ids=str)
+@pytest.mark.parametrize(("backend", "device", "dtype"), [p for p in backend_dtype_params() if p.values[0] == "cpu"])
+def test_cpu_row_tiles_match_reference(case, backend, device, dtype):
+    check_against_reference(OP, case, backend, device, dtype)
+
+
 EMPTY = [
     ("P0-shared", (3, 2, 4, 5, 6), 0, False),
     ("P0-perpair", (3, 2, 4, 5, 6), 0, True),
