@@ -44,6 +44,16 @@ def test_annotations_of_record_100_match_the_reference_counts():
 
 
 @needs_data
+def test_truncated_signal_file_is_an_error(tmp_path):
+    header = open(os.path.join(DATA, "mitdb", "100.hea")).read()
+    (tmp_path / "100.hea").write_text(header)
+    with open(os.path.join(DATA, "mitdb", "100.dat"), "rb") as handle:
+        (tmp_path / "100.dat").write_bytes(handle.read(3 * 1000))  # 1000 of the declared 650000 frames
+    with pytest.raises(ValueError, match="100.dat: holds 1000 samples per signal, the header declares 650000"):
+        wfdb.read_signals(str(tmp_path / "100.hea"))
+
+
+@needs_data
 def test_aami_beats_of_record_100():
     path = os.path.join(DATA, "mitdb", "100.hea")
     signals = wfdb.read_signals(path)

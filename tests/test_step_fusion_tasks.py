@@ -134,6 +134,41 @@ def test_mitdb_record_100_falls_back_to_a_stratified_split():
     assert mitdb.split_records(["100", "103"]) is None
 
 
+def _copy_record(source_dir, target_dir, source, target):
+    """Record `source` saved as `target`: its header names the new record and signal file."""
+    header = (source_dir / f"{source}.hea").read_text().replace(f"{source}.dat", f"{target}.dat")
+    header = "\n".join(f"{target} {line.split(' ', 1)[1]}" if line.startswith(f"{source} ") else line
+                        for line in header.splitlines())
+    (target_dir / f"{target}.hea").write_text(header + "\n")
+    for extension in ("dat", "atr"):
+        (target_dir / f"{target}.{extension}").write_bytes((source_dir / f"{source}.{extension}").read_bytes())
+
+
+@needs_data
+def test_mitdb_full_directory_uses_the_inter_patient_split(tmp_path, capsys):
+    # A directory laid out like the full database: record 100 (DS2), a copy of it as 101 (DS1), and a
+    # paced record 102 (in neither set) whose signal file is broken, so reading it would fail.
+    source = type(tmp_path)(os.path.join(DATA, "mitdb"))
+    directory = tmp_path / "mitdb"
+    directory.mkdir()
+    _copy_record(source, directory, "100", "100")
+    _copy_record(source, directory, "100", "101")
+    _copy_record(source, directory, "100", "102")
+    (directory / "102.dat").write_bytes(b"\x00" * 7)
+    splits, description = mitdb.load_beats(str(directory), 90, 110, 2, 0.2, 0.2, seed=0)
+    assert description == {"split": "inter-patient DS1/DS2", "train_records": ["101"], "test_records": ["100"]}
+    counts = [np.bincount(labels, minlength=5).tolist() for _, labels in splits]
+    # Training and validation share record 101's 2237 N, 33 S, 1 V beats (20% of each class held out,
+    # rounded down); the test split is all of record 100's, whatever its class.
+    assert counts == [[1790, 27, 1, 0, 0], [447, 6, 0, 0, 0], [2237, 33, 1, 0, 0]]
+    np.testing.assert_allclose(np.concatenate([splits[0][0], splits[1][0]]).sum(axis=0, dtype=np.float64),
+                               splits[2][0].sum(axis=0, dtype=np.float64), rtol=1e-12)  # the same beats, redistributed
+    report = _run_cli("mitdb", tmp_path / "run", "--data", str(directory), "--epochs", "1", "--max-steps", "2",
+                      "--batch-size", "8")
+    assert report["setup"]["split"] == "inter-patient DS1/DS2" and report["setup"]["class_counts"] == counts
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("mitdb test: accuracy=")
+
+
 def _free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -111,9 +111,13 @@ def read_signals(header_path, physical=True):
     if formats != {212} or len(files) != 1:
         raise ValueError(f"{header_path}: only one format-212 signal file per record is supported, got "
                          f"formats {sorted(formats)} in {len(files)} files")
-    with open(os.path.join(os.path.dirname(header_path), files.pop()), "rb") as handle:
+    signal_path = os.path.join(os.path.dirname(header_path), files.pop())
+    with open(signal_path, "rb") as handle:
         digital = decode_format_212(handle.read(), header.num_signals)
     if header.num_samples:
+        if len(digital) < header.num_samples:
+            raise ValueError(f"{signal_path}: holds {len(digital)} samples per signal, the header declares "
+                             f"{header.num_samples} (truncated file?)")
         digital = digital[: header.num_samples]
     if not physical:
         return digital

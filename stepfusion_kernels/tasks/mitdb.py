@@ -44,12 +44,13 @@ def load_beats(directory, before, after, decimate, validation_fraction, test_fra
     records = wfdb.list_records(directory)
     if not records:
         raise FileNotFoundError(f"{directory}: no WFDB record with a .hea and an .atr file")
-    per_record = {r: record_beats(directory, r, before, after, decimate) for r in records}
+    inter_patient = split_records(records)
+    used = records if inter_patient is None else inter_patient[0] + inter_patient[1]  # paced records: never read
+    per_record = {r: record_beats(directory, r, before, after, decimate) for r in used}
 
     def join(names):
         return (np.concatenate([per_record[r][0] for r in names]), np.concatenate([per_record[r][1] for r in names]))
 
-    inter_patient = split_records(records)
     if inter_patient is not None:
         (train_beats, train_labels), test = join(inter_patient[0]), join(inter_patient[1])
         fit, held_out = stratified_split(train_labels, (1 - validation_fraction, validation_fraction), seed)
