@@ -332,3 +332,48 @@ def test_large_stacks_use_64_bit_offsets():
         torch.testing.assert_close(pa[0, -2:].double(), expected, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(pb[0, -2:].double(), expected, rtol=2e-2, atol=2e-2)
         del pa, pb
+
+
+@pytest.mark.skipif("triton" not in sk.backends(), reason="triton is not usable here")
+def test_triton_gpu_tiles_fit_tl_dot_and_the_row_count():
+    from stepfusion_kernels.triton import skew_pair_project as kernels
+    for kernel, tuned in (kernels.FORWARD, kernels.GRAD_STACK, kernels.GRAD_WEIGHT):
+        for dot_fp32 in (True, False):
+            assert tuned[dot_fp32].fn is kernel  # the interpreter tests run the body the GPU tunes
+            for config in tuned[dot_fp32].configs:
+                blocks = [size for name, size in config.kwargs.items() if name.startswith("BLOCK_")]
+                assert len(blocks) == 3
+                assert all(size >= kernels.MIN_DOT_BLOCK and size & (size - 1) == 0 for size in blocks)
+    prune = kernels.keep_fitting_tiles("BLOCK_N", "samples")
+    configs = kernels.tile_configs(kernels.TENSOR_CORE_TILES, "BLOCK_N", "BLOCK_F", "BLOCK_E")
+    # 17 rows: tiles of at most 2 * 32 rows stay; 4096 rows: every tile; 1 row: tiles of at most 32 rows.
+    assert {c.kwargs["BLOCK_N"] for c in prune(configs, {"samples": 17})} == {16, 32, 64}
+    assert prune(configs, {"samples": 4096}) == configs
+    assert {c.kwargs["BLOCK_N"] for c in prune(configs, {"samples": 1})} == {16, 32}
+    tall = kernels.tile_configs(((128, 64, 64, 4, 3), (256, 64, 64, 8, 3)), "BLOCK_N", "BLOCK_F", "BLOCK_E")
+    assert [c.kwargs["BLOCK_N"] for c in prune(tall, {"samples": 1})] == [128]  # none fits: the shortest stays
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_autotuned_tiles_on_a_medium_shape(dtype):
+    # Large enough for every tile the autotuner tries, with ragged edges in N, E and F.
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    ha = torch.randn(4, 300, 200, device="cuda", generator=generator).to(dtype)
+    hb = torch.randn(3, 300, 200, device="cuda", generator=generator).to(dtype)
+    weight = (torch.randn(330, 200, device="cuda", generator=generator) / 16).to(dtype)
+    bias = torch.randn(330, device="cuda", generator=generator).to(dtype)
+    pairs = torch.tensor([[3, 0], [1, 2], [3, 1]], device="cuda")
+    args = [t.detach().requires_grad_() for t in (ha, hb, weight, bias)]
+    pa, pb = sk.skew_pair_project(args[0], args[1], pairs, args[2], args[3], backend="triton")
+    reference = [t.detach().double().requires_grad_() for t in args]
+    ra, rb = python_ref.skew_pair_project(reference[0], reference[1], pairs, reference[2], reference[3])
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(pa.double(), ra, **tolerance)
+    torch.testing.assert_close(pb.double(), rb, **tolerance)
+    grad_a, grad_b = torch.randn_like(pa), torch.randn_like(pb)
+    torch.autograd.backward((pa, pb), (grad_a, grad_b))
+    torch.autograd.backward((ra, rb), (grad_a.double(), grad_b.double()))
+    scale = {"rtol": 1e-4, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 0.5}
+    for ours, expected in zip(args, reference):
+        torch.testing.assert_close(ours.grad.double(), expected.grad, **scale)

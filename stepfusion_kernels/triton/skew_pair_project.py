@@ -7,6 +7,11 @@ d_h:          one launch, grid (LA + LB layers, N tiles, E tiles); a program add
               over pairs that share a layer is deterministic without atomics. Unused layers get 0.
 d_weight:     one launch per weight, grid (P or 1 weights, F tiles, E tiles), summing over pairs
               and rows in a fixed order.
+
+Tiles: on a GPU every kernel is autotuned over (rows, columns, reduction) tiles, warps and pipeline
+stages, keyed on (N, E, F) and the dtype: large tensor-core tiles for fp16/bf16, smaller ones for fp32
+(which keeps full-precision dots). The interpreter runs one tile sized to the problem. Every kernel
+writes each output element exactly once, so the autotuner's repeated launches leave no trace.
 """
 
 import torch
@@ -21,6 +26,48 @@ MAX_BLOCK = 64
 
 def _block(size, largest=MAX_BLOCK):
     return min(largest, max(MIN_DOT_BLOCK, triton.next_power_of_2(max(size, 1))))
+
+
+# GPU tiles (rows, columns, reduction, warps, stages) of the output tile each program computes.
+TENSOR_CORE_TILES = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+                     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4),
+                     (16, 128, 64, 4, 4), (16, 64, 64, 4, 4))
+FP32_TILES = ((128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 32, 4, 3))
+TUNING_KEY = ("samples", "in_features", "out_features")  # the autotuner adds the dtypes
+
+
+def tile_configs(tiles, rows, columns, reduction):
+    """triton.Configs of `tiles` with their sizes under a kernel's block names."""
+    return [triton.Config({rows: r, columns: c, reduction: k}, num_warps=warps, num_stages=stages)
+            for r, c, k, warps, stages in tiles]
+
+
+def keep_fitting_tiles(rows, row_count):
+    """An early_config_prune: drops tiles more than twice as tall as the next power of two of the row
+    count (argument `row_count`), which would mostly compute masked rows; the shortest tile always stays."""
+    def prune(configs, named_args, **kwargs):
+        limit = 2 * max(MIN_DOT_BLOCK, triton.next_power_of_2(max(int(named_args[row_count]), 1)))
+        fitting = [c for c in configs if c.kwargs[rows] <= limit]
+        return fitting or [min(configs, key=lambda c: c.kwargs[rows])]
+    return prune
+
+
+def autotuned(kernel, rows, columns, reduction, row_count):
+    """{dot_fp32: launcher}: `kernel` autotuned over the fp32 tiles and over the tensor-core tiles."""
+    def tuned(tiles):
+        return triton.autotune(configs=tile_configs(tiles, rows, columns, reduction), key=list(TUNING_KEY),
+                               prune_configs_by={"early_config_prune": keep_fitting_tiles(rows, row_count)})(kernel)
+    return {True: tuned(FP32_TILES), False: tuned(TENSOR_CORE_TILES)}
+
+
+def _launch(kernels, grid, args, blocks, **constexprs):
+    """kernels = (jit kernel, autotuned launchers). On a GPU the autotuner picks the tile; the interpreter
+    runs the given `blocks` with one warp. `grid` maps the block sizes to the launch grid."""
+    kernel, tuned = kernels
+    if triton_interpreted():
+        kernel[grid(blocks)](*args, **constexprs, **blocks, num_warps=1)
+    else:
+        tuned[constexprs["DOT_FP32"]][grid](*args, **constexprs)
 
 
 @triton.jit
@@ -158,12 +205,13 @@ def _grad_weight_kernel(grad_first_ptr, stack_first_ptr, grad_second_ptr, stack_
     tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty), mask=f_mask[:, None] & e_mask[None, :])
 
 
+FORWARD = (_forward_kernel, autotuned(_forward_kernel, "BLOCK_N", "BLOCK_F", "BLOCK_E", "samples"))
+GRAD_STACK = (_grad_stack_kernel, autotuned(_grad_stack_kernel, "BLOCK_N", "BLOCK_E", "BLOCK_F", "samples"))
+GRAD_WEIGHT = (_grad_weight_kernel, autotuned(_grad_weight_kernel, "BLOCK_F", "BLOCK_E", "BLOCK_N", "out_features"))
+
+
 def _dot_fp32(dtype):
     return dtype == torch.float32 or triton_interpreted()
-
-
-def _num_warps():
-    return 1 if triton_interpreted() else 4
 
 
 def _bias_or_zeros(bias, per_pair, num_pairs, out_features, like):
@@ -189,15 +237,14 @@ def forward(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b):
     if has_bias:
         bias_a = _bias_or_zeros(bias_a, per_pair, num_pairs, out_features, ha)
         bias_b = _bias_or_zeros(bias_b, per_pair, num_pairs, out_features, ha)
-    block_n, block_f, block_e = _block(samples), _block(out_features), _block(in_features, 32)
-    grid = (2 * num_pairs, triton.cdiv(samples, block_n), triton.cdiv(out_features, block_f))
-    _forward_kernel[grid](
-        ha.contiguous(), hb.contiguous(), pairs.contiguous(), weight_a.contiguous(),
-        bias_a if has_bias else ha, weight_b.contiguous(), bias_b if has_bias else ha, pa, pb,
-        samples, in_features, out_features,
-        PER_PAIR=per_pair, HAS_BIAS=has_bias, DOT_FP32=_dot_fp32(ha.dtype),
-        BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_E=block_e, num_warps=_num_warps(),
-    )
+    _launch(FORWARD,
+            lambda meta: (2 * num_pairs, triton.cdiv(samples, meta["BLOCK_N"]),
+                          triton.cdiv(out_features, meta["BLOCK_F"])),
+            (ha.contiguous(), hb.contiguous(), pairs.contiguous(), weight_a.contiguous(),
+             bias_a if has_bias else ha, weight_b.contiguous(), bias_b if has_bias else ha, pa, pb,
+             samples, in_features, out_features),
+            {"BLOCK_N": _block(samples), "BLOCK_F": _block(out_features), "BLOCK_E": _block(in_features, 32)},
+            PER_PAIR=per_pair, HAS_BIAS=has_bias, DOT_FP32=_dot_fp32(ha.dtype))
     return pa, pb
 
 
@@ -235,24 +282,24 @@ def backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, bias_a, weight_b, bias_b
     dot_fp32 = _dot_fp32(ha.dtype)
     if num_pairs > 0 and samples > 0 and in_features > 0 and out_features > 0:
         order, offsets = _layer_segments(pairs, layers_a, layers_b)
-        block_n, block_f, block_e = _block(samples), _block(out_features, 32), _block(in_features)
-        grid = (layers_a + layers_b, triton.cdiv(samples, block_n), triton.cdiv(in_features, block_e))
-        _grad_stack_kernel[grid](
-            grad_pa, grad_pb, weight_a, weight_b, order, offsets, grad_ha, grad_hb,
-            num_pairs, layers_a, samples, in_features, out_features,
-            PER_PAIR=per_pair, DOT_FP32=dot_fp32,
-            BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_E=block_e, num_warps=_num_warps(),
-        )
-        block_n, block_f, block_e = _block(samples, 32), _block(out_features), _block(in_features)
-        grid = (num_pairs if per_pair else 1, triton.cdiv(out_features, block_f), triton.cdiv(in_features, block_e))
+        _launch(GRAD_STACK,
+                lambda meta: (layers_a + layers_b, triton.cdiv(samples, meta["BLOCK_N"]),
+                              triton.cdiv(in_features, meta["BLOCK_E"])),
+                (grad_pa, grad_pb, weight_a, weight_b, order, offsets, grad_ha, grad_hb,
+                 num_pairs, layers_a, samples, in_features, out_features),
+                {"BLOCK_N": _block(samples), "BLOCK_F": _block(out_features, 32), "BLOCK_E": _block(in_features)},
+                PER_PAIR=per_pair, DOT_FP32=dot_fp32)
+        def weight_grid(meta):
+            return (num_pairs if per_pair else 1, triton.cdiv(out_features, meta["BLOCK_F"]),
+                    triton.cdiv(in_features, meta["BLOCK_E"]))
+
         launches = [(grad_weight_a, grad_pa, ha, 0)] + ([] if shared else [(grad_weight_b, grad_pb, hb, 1)])
         for grad_weight, grad_first, stack_first, column in launches:
-            _grad_weight_kernel[grid](
-                grad_first, stack_first, grad_pb, hb, pairs, grad_weight, column,
-                num_pairs, samples, in_features, out_features,
-                PER_PAIR=per_pair, HAS_SECOND=shared, DOT_FP32=dot_fp32,
-                BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_E=block_e, num_warps=_num_warps(),
-            )
+            _launch(GRAD_WEIGHT, weight_grid,
+                    (grad_first, stack_first, grad_pb, hb, pairs, grad_weight, column,
+                     num_pairs, samples, in_features, out_features),
+                    {"BLOCK_N": _block(samples, 32), "BLOCK_F": _block(out_features), "BLOCK_E": _block(in_features)},
+                    PER_PAIR=per_pair, HAS_SECOND=shared, DOT_FP32=dot_fp32)
 
     # Bias gradients: fixed-shape sums over rows (and pairs), deterministic on CPU and GPU.
     reduce_dims = (1,) if per_pair else (0, 1)
