@@ -121,6 +121,53 @@ def test_ecg5000_reader_and_views():
     np.testing.assert_allclose(frames[0, 10].numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_ecg5000_augmentation():
+    beats = torch.randn(64, 140, generator=torch.Generator().manual_seed(0))
+    assert ecg5000.augment_beats(beats, 0.0) is beats
+    # Without noise (NOISE 0) a beat comes back scaled within [1 - s, 1 + s] and shifted by at most
+    # round(MAX_SHIFT * s) samples, its edge sample repeated.
+    strength = 0.3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ecg5000, "NOISE", 0.0)
+        out = ecg5000.augment_beats(beats, strength, torch.Generator().manual_seed(1))
+    reach = round(ecg5000.MAX_SHIFT * strength)
+    seen_shifts = set()
+    for beat, augmented in zip(beats, out):
+        matches = []
+        for shift in range(-reach, reach + 1):
+            positions = (torch.arange(140) - shift).clamp(0, 139)
+            scale = augmented @ beat[positions] / (beat[positions] @ beat[positions])
+            if torch.allclose(augmented, scale * beat[positions], atol=1e-5):
+                matches.append((shift, float(scale)))
+        assert len(matches) == 1 and abs(matches[0][1] - 1) <= strength + 1e-6
+        seen_shifts.add(matches[0][0])
+    assert len(seen_shifts) > 1
+    # The noise has standard deviation NOISE * s.
+    noisy = ecg5000.augment_beats(torch.zeros(200, 140), 0.2, torch.Generator().manual_seed(2))
+    assert abs(noisy.std().item() - ecg5000.NOISE * 0.2) < 0.01
+
+
+@needs_data
+def test_cli_ecg5000_with_augmentation_recomputes_the_frames(tmp_path, monkeypatch):
+    # The augmented loss recomputes the time-frequency view of the augmented beats with `frames_of`:
+    # applied to a batch's stored beats, that must give exactly the batch's stored frames.
+    seen = []
+    original = ecg5000.augmented_loss
+
+    def spy(loss, strength, frames_of):
+        def checked(model, batch):
+            beats, frames, labels = batch
+            seen.append(torch.allclose(frames_of(beats.squeeze(-1)), frames, atol=1e-5))
+            return original(loss, strength, frames_of)(model, batch)
+        return checked
+
+    monkeypatch.setattr(ecg5000, "augmented_loss", spy)
+    report = _run_cli("ecg5000", tmp_path, "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--augment", "0.2")
+    assert report["setup"]["augment"] == 0.2 and seen == [True, True]
+    with pytest.raises(ValueError, match="--augment"):
+        cli.main(["ecg5000", "--out", str(tmp_path), *TINY_MODEL, "--augment", "-1"])
+
+
 @needs_data
 def test_mitdb_record_100_falls_back_to_a_stratified_split():
     splits, description = mitdb.load_beats(os.path.join(DATA, "mitdb"), 90, 110, 2, 0.2, 0.2, seed=0)

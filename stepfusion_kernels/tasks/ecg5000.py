@@ -22,6 +22,8 @@ MODEL_DEFAULTS = {"dim": 32, "heads": 4, "layers_a": 1, "layers_b": 1, "steps": 
                   "global_tokens": 2, "dropout": 0.1, "gate_init": 0.1}
 TRAINING_DEFAULTS = {"epochs": 30, "batch_size": 32, "lr": 1e-3}
 STD_FLOOR = 1e-6  # keeps a constant frequency bin's z-score finite
+MAX_SHIFT = 10    # augmentation: largest time shift, in samples, at strength 1
+NOISE = 0.5       # augmentation: noise standard deviation at strength 1 (the beats are z-normalised)
 
 
 def read_ecg5000(path):
@@ -34,10 +36,27 @@ def read_ecg5000(path):
 
 
 def spectrogram(series, n_fft, hop):
-    """log(1 + |STFT|) frames of each series: (N, T) -> (N, T // hop + 1, n_fft // 2 + 1)."""
-    frames = torch.stft(torch.from_numpy(series), n_fft=n_fft, hop_length=hop, window=torch.hann_window(n_fft),
-                        center=True, return_complex=True)
+    """log(1 + |STFT|) frames of each series: (N, T) array or tensor -> (N, T // hop + 1, n_fft // 2 + 1)."""
+    frames = torch.stft(torch.as_tensor(series), n_fft=n_fft, hop_length=hop,
+                        window=torch.hann_window(n_fft, device=torch.as_tensor(series).device), center=True,
+                        return_complex=True)
     return torch.log1p(frames.abs()).transpose(1, 2).contiguous()
+
+
+def augment_beats(beats, strength, generator=None):
+    """Training-time augmentation of (N, T) beats at `strength` s: each beat is scaled by U(1 - s, 1 + s),
+    shifted in time by up to round(MAX_SHIFT * s) samples (the edge sample repeated) and given
+    N(0, (NOISE * s)^2) noise. s = 0 returns the beats unchanged."""
+    if strength == 0:
+        return beats
+    count, length = beats.shape
+    options = {"device": beats.device, "generator": generator}
+    scale = 1 + strength * (2 * torch.rand(count, 1, **options) - 1)
+    reach = round(MAX_SHIFT * strength)
+    shift = torch.randint(-reach, reach + 1, (count, 1), **options)
+    positions = (torch.arange(length, device=beats.device) - shift).clamp(0, length - 1)
+    noise = NOISE * strength * torch.randn(count, length, **options)
+    return scale * beats.gather(1, positions) + noise
 
 
 def add_arguments(parser):
@@ -46,6 +65,9 @@ def add_arguments(parser):
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--class-weights", default="none", choices=CLASS_WEIGHTINGS,
                         help="cross-entropy class weights from the training counts")
+    parser.add_argument("--augment", type=float, default=0.0,
+                        help="training-time augmentation strength s: scale by U(1-s, 1+s), shift by up to "
+                             f"{MAX_SHIFT}s samples, N(0, ({NOISE}s)^2) noise; the STFT view is recomputed (0: none)")
     parser.set_defaults(**MODEL_DEFAULTS, **TRAINING_DEFAULTS)
 
 
@@ -73,9 +95,26 @@ def build(args, model_kwargs):
                               **model_kwargs)
     class_names = [str(c + 1) for c in range(num_classes)]  # the archive's own labels 1..5
     loss = classification_loss_with(class_weights(labels[fit], num_classes, args.class_weights))
+    if args.augment < 0:
+        raise ValueError(f"--augment must be >= 0, got {args.augment}")
+    if args.augment > 0:
+        def frames_of(series):
+            return (spectrogram(series, args.n_fft, args.hop) - mean) / std
+        loss = augmented_loss(loss, args.augment, frames_of)
     return TaskSetup(name=NAME, model=StepFusionNet(config), train=subset(fit), validation=subset(held_out),
                      test=test, loss=loss, predict=classification_predict,
                      evaluate=classification_metrics(num_classes), plot=confusion_plot(class_names, "ECG5000 test"),
                      selection="accuracy", higher_is_better=True,
                      description={"data": path, "sizes": [len(fit), len(held_out), len(test_labels)],
-                                  "n_fft": args.n_fft, "hop": args.hop, "class_weights": args.class_weights})
+                                  "n_fft": args.n_fft, "hop": args.hop, "class_weights": args.class_weights,
+                                  "augment": args.augment})
+
+
+def augmented_loss(loss, strength, frames_of):
+    """`loss` on augmented (beat, frames, label) batches: the beats go through augment_beats and their
+    time-frequency view is recomputed from the augmented beat with `frames_of`."""
+    def augmented(model, batch):
+        beats, _, labels = batch
+        beats = augment_beats(beats.squeeze(-1), strength)
+        return loss(model, (beats.unsqueeze(-1), frames_of(beats), labels))
+    return augmented
