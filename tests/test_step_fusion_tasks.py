@@ -110,6 +110,19 @@ def test_ett_forecaster_cycle_enters_at_the_window_phase():
 
 
 @needs_data
+@pytest.mark.parametrize("loss", ["mse", "mae"])
+def test_ett_training_loss_is_the_chosen_one(loss):
+    args = cli.parser().parse_args(["ett", "--loss", loss, "--eval-stride", "100", *TINY_MODEL])
+    setup = ett.build(args, {flag: getattr(args, flag) for flag in cli.MODEL_FLAGS})
+    history, calendar, future, phase = (torch.stack([torch.as_tensor(item[k]) for item in
+                                                     (setup.train[0], setup.train[500])]) for k in range(4))
+    setup.model.eval()
+    prediction = setup.model(history, calendar, phase)
+    expected = (prediction - future).square().mean() if loss == "mse" else (prediction - future).abs().mean()
+    torch.testing.assert_close(setup.loss(setup.model, (history, calendar, future, phase)), expected)
+
+
+@needs_data
 def test_ecg5000_reader_and_views():
     (train_series, train_labels), (test_series, test_labels) = ecg5000.read_ecg5000(os.path.join(DATA, "ucr"))
     assert train_series.shape == (500, 140) and test_series.shape == (4500, 140)
@@ -263,9 +276,11 @@ def _run_cli(task, out, *extra):
 
 
 @needs_data
-def test_cli_ett_end_to_end(tmp_path, capsys):
-    report = _run_cli("ett", tmp_path, "--epochs", "1", "--max-steps", "3", "--batch-size", "4", "--eval-stride", "100")
-    assert report["steps"] == 3 and set(report["test"]) == {"mse", "mae"}
+@pytest.mark.parametrize("loss", ["mse", "mae"])
+def test_cli_ett_end_to_end(tmp_path, capsys, loss):
+    report = _run_cli("ett", tmp_path, "--epochs", "1", "--max-steps", "3", "--batch-size", "4", "--eval-stride", "100",
+                      "--loss", loss)
+    assert report["steps"] == 3 and set(report["test"]) == {"mse", "mae"} and report["setup"]["loss"] == loss
     assert report["setup"]["windows"] == [8449, 28, 28]
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ett test: mse=")
 

@@ -40,6 +40,7 @@ from .training import TaskSetup  # noqa: E402
 NAME = "ett"
 DEFAULT_DATA = os.path.join("ett", "ETTh1.csv")
 HORIZONS = (96, 192, 336, 720)
+TRAINING_LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss}
 HOURS_PER_DAY = 24
 REVIN_EPS = 1e-5
 MODEL_DEFAULTS = {"dim": 16, "heads": 4, "layers_a": 1, "layers_b": 1, "steps": 1, "window": 2,
@@ -148,6 +149,8 @@ def add_arguments(parser):
     parser.add_argument("--patch-len", type=int, default=16)
     parser.add_argument("--patch-stride", type=int, default=8)
     parser.add_argument("--no-cycle", action="store_true", help="no residual daily cycle (CycleNet's RCF)")
+    parser.add_argument("--loss", default="mse", choices=tuple(TRAINING_LOSSES),
+                        help="training loss (the model is still selected and reported by MSE and MAE)")
     parser.add_argument("--eval-stride", type=int, default=1,
                         help="evaluate every n-th validation/test window (1, every window, is the protocol)")
     parser.set_defaults(**MODEL_DEFAULTS, **TRAINING_DEFAULTS)
@@ -166,9 +169,11 @@ def build(args, model_kwargs):
         with torch.no_grad():
             model.cycle.copy_(mean_cycle(train))
 
+    training_loss = TRAINING_LOSSES[args.loss]
+
     def loss(model, batch):
         history, calendar, future, phase = batch
-        return F.mse_loss(model(history, calendar, phase), future)
+        return training_loss(model(history, calendar, phase), future)
 
     def predict(model, batch):
         history, calendar, future, phase = batch
@@ -182,7 +187,7 @@ def build(args, model_kwargs):
                      selection="mse", higher_is_better=False,
                      description={"data": path, "lookback": args.lookback, "horizon": args.horizon,
                                   "windows": [len(train), len(validation), len(test)],
-                                  "eval_stride": args.eval_stride,
+                                  "eval_stride": args.eval_stride, "loss": args.loss,
                                   "cycle_len": 0 if args.no_cycle else train.cycle_len,
                                   "variables": table.columns})
 
