@@ -1,10 +1,12 @@
 """Triton kernels of `skew_pair_project`: a grouped GEMM whose programs read the layer index of
 their pair from `pairs` and the rows of that layer in place (no gathered copy of the stacks).
 
-forward:      one launch, grid (2P pair sides, N tiles, F tiles); side 0 writes pa, side 1 pb.
-d_h:          one launch, grid (LA + LB layers, N tiles, E tiles); a program adds the products of
-              the pairs of its layer in a fixed order (pairs stably sorted by layer), so the sum
-              over pairs that share a layer is deterministic without atomics. Unused layers get 0.
+forward:      one launch, one program per (pair side, N tile, F tile), all on grid axis 0 (so no grid
+              limit on N); side 0 writes pa, side 1 pb.
+d_h:          one launch, one program per (layer of LA + LB, N tile, E tile) on grid axis 0; a program
+              adds the products of the pairs of its layer in a fixed order (pairs stably sorted by
+              layer), so the sum over pairs that share a layer is deterministic without atomics.
+              Unused layers get 0.
 d_weight:     one launch per weight, grid (P or 1 weights, F tiles, E tiles), summing over pairs
               and rows in a fixed order.
 
@@ -85,7 +87,11 @@ def _forward_kernel(ha_ptr, hb_ptr, pairs_ptr, weight_a_ptr, bias_a_ptr, weight_
                     samples, in_features, out_features,
                     PER_PAIR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr):
-    task = tl.program_id(0).to(tl.int64)  # 2k + side: also the flat index of pairs[k, side]
+    row_tiles = tl.cdiv(samples, BLOCK_N)
+    tiles = row_tiles * tl.cdiv(out_features, BLOCK_F)
+    program = tl.program_id(0).to(tl.int64)
+    task = program // tiles  # 2k + side: also the flat index of pairs[k, side]
+    tile = program % tiles
     pair = task // 2
     layer = tl.load(pairs_ptr + task)
     if task % 2 == 0:
@@ -101,8 +107,8 @@ def _forward_kernel(ha_ptr, hb_ptr, pairs_ptr, weight_a_ptr, bias_a_ptr, weight_
     if PER_PAIR:
         w_ptr += pair * out_features * in_features
         b_ptr += pair * out_features
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(2).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    rows = (tile % row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # neighbouring programs share columns
+    cols = (tile // row_tiles) * BLOCK_F + tl.arange(0, BLOCK_F)
     row_mask = rows < samples
     col_mask = cols < out_features
     x_rows = x_ptr + (layer * samples + rows[:, None]) * in_features
@@ -125,7 +131,11 @@ def _grad_stack_kernel(grad_pa_ptr, grad_pb_ptr, weight_a_ptr, weight_b_ptr, ord
                        grad_ha_ptr, grad_hb_ptr, num_pairs, layers_a, samples, in_features, out_features,
                        PER_PAIR: tl.constexpr, DOT_FP32: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr):
-    slot = tl.program_id(0).to(tl.int64)  # layer of A (slot < LA) or layer slot - LA of B
+    row_tiles = tl.cdiv(samples, BLOCK_N)
+    tiles = row_tiles * tl.cdiv(in_features, BLOCK_E)
+    program = tl.program_id(0).to(tl.int64)
+    slot = program // tiles  # layer of A (slot < LA) or layer slot - LA of B
+    tile = program % tiles
     if slot < layers_a:
         side = 0
         layer = slot
@@ -138,8 +148,8 @@ def _grad_stack_kernel(grad_pa_ptr, grad_pb_ptr, weight_a_ptr, weight_b_ptr, ord
         g_ptr = grad_pb_ptr
         w_ptr = weight_b_ptr
         out_ptr = grad_hb_ptr
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(2).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    rows = (tile % row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = (tile // row_tiles) * BLOCK_E + tl.arange(0, BLOCK_E)
     row_mask = rows < samples
     col_mask = cols < in_features
     acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
@@ -238,8 +248,8 @@ def forward(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b):
         bias_a = _bias_or_zeros(bias_a, per_pair, num_pairs, out_features, ha)
         bias_b = _bias_or_zeros(bias_b, per_pair, num_pairs, out_features, ha)
     _launch(FORWARD,
-            lambda meta: (2 * num_pairs, triton.cdiv(samples, meta["BLOCK_N"]),
-                          triton.cdiv(out_features, meta["BLOCK_F"])),
+            lambda meta: (2 * num_pairs * triton.cdiv(samples, meta["BLOCK_N"])
+                          * triton.cdiv(out_features, meta["BLOCK_F"]),),
             (ha.contiguous(), hb.contiguous(), pairs.contiguous(), weight_a.contiguous(),
              bias_a if has_bias else ha, weight_b.contiguous(), bias_b if has_bias else ha, pa, pb,
              samples, in_features, out_features),
@@ -283,8 +293,8 @@ def backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, bias_a, weight_b, bias_b
     if num_pairs > 0 and samples > 0 and in_features > 0 and out_features > 0:
         order, offsets = _layer_segments(pairs, layers_a, layers_b)
         _launch(GRAD_STACK,
-                lambda meta: (layers_a + layers_b, triton.cdiv(samples, meta["BLOCK_N"]),
-                              triton.cdiv(in_features, meta["BLOCK_E"])),
+                lambda meta: ((layers_a + layers_b) * triton.cdiv(samples, meta["BLOCK_N"])
+                              * triton.cdiv(in_features, meta["BLOCK_E"]),),
                 (grad_pa, grad_pb, weight_a, weight_b, order, offsets, grad_ha, grad_hb,
                  num_pairs, layers_a, samples, in_features, out_features),
                 {"BLOCK_N": _block(samples), "BLOCK_F": _block(out_features, 32), "BLOCK_E": _block(in_features)},
