@@ -3,7 +3,8 @@
 # tests first), run stepfusion-bench, and leave the logs and tables in $OUT (default ./gpu-results).
 #
 # Each stage has a time limit (seconds) so that one call of a leased machine always returns its logs:
-#   BUILD_S (300), GPU_TESTS_S (300; the Triton skew_pair_project autotuning compiles several tiles per shape), CPU_TESTS_S (0: skipped; the CPU tests run in CI), BENCH_S (150)
+#   BUILD_S (300), GPU_TESTS_S (300: the Triton skew_pair_project autotuning compiles several tiles per
+#   shape), CPU_TESTS_S (0: skipped; the CPU tests run in CI), BENCH_S (150)
 #   BENCH_OPS   the ops to benchmark (default: all)
 #   TESTS       the test files or ids of the GPU stage (default: tests)
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
