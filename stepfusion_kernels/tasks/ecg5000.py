@@ -37,9 +37,9 @@ def read_ecg5000(path):
 
 def spectrogram(series, n_fft, hop):
     """log(1 + |STFT|) frames of each series: (N, T) array or tensor -> (N, T // hop + 1, n_fft // 2 + 1)."""
-    frames = torch.stft(torch.as_tensor(series), n_fft=n_fft, hop_length=hop,
-                        window=torch.hann_window(n_fft, device=torch.as_tensor(series).device), center=True,
-                        return_complex=True)
+    series = torch.as_tensor(series)
+    frames = torch.stft(series, n_fft=n_fft, hop_length=hop, window=torch.hann_window(n_fft, device=series.device),
+                        center=True, return_complex=True)
     return torch.log1p(frames.abs()).transpose(1, 2).contiguous()
 
 
@@ -72,6 +72,8 @@ def add_arguments(parser):
 
 
 def build(args, model_kwargs):
+    if args.augment < 0:
+        raise ValueError(f"--augment must be >= 0, got {args.augment}")
     path = resolve_data_path(args.data, DEFAULT_DATA)
     (train_series, train_labels), (test_series, test_labels) = read_ecg5000(path)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -95,11 +97,9 @@ def build(args, model_kwargs):
                               **model_kwargs)
     class_names = [str(c + 1) for c in range(num_classes)]  # the archive's own labels 1..5
     loss = classification_loss_with(class_weights(labels[fit], num_classes, args.class_weights))
-    if args.augment < 0:
-        raise ValueError(f"--augment must be >= 0, got {args.augment}")
     if args.augment > 0:
-        def frames_of(series):
-            return (spectrogram(series, args.n_fft, args.hop) - mean) / std
+        def frames_of(series):  # on the device training runs on
+            return (spectrogram(series, args.n_fft, args.hop) - mean.to(series.device)) / std.to(series.device)
         loss = augmented_loss(loss, args.augment, frames_of)
     return TaskSetup(name=NAME, model=StepFusionNet(config), train=subset(fit), validation=subset(held_out),
                      test=test, loss=loss, predict=classification_predict,
