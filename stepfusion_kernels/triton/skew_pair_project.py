@@ -23,10 +23,11 @@ import triton.language as tl
 from .._backend import triton_interpreted
 
 MIN_DOT_BLOCK = 16  # tl.dot needs every block dimension to be at least 16
-MAX_BLOCK = 64
+MAX_BLOCK = 64      # largest block of the interpreter's one tile
 
 
 def _block(size, largest=MAX_BLOCK):
+    """The interpreter's block for a dimension of `size`: its next power of two, within [16, largest]."""
     return min(largest, max(MIN_DOT_BLOCK, triton.next_power_of_2(max(size, 1))))
 
 
