@@ -30,7 +30,6 @@ Data:
                  tokens of 4 features); z-scored per feature with training statistics; stratified 60/20/20.
 """
 
-import argparse
 import json
 import math
 import os
@@ -86,13 +85,6 @@ def add_arguments(parser):
     data.add_argument("--max-samples", type=int, default=None,
                       help="keep at most this many samples per split (quick runs; ssfn-digits: recordings)")
     return parser
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="stepfusion-train", description=__doc__.split("\n")[0])
-    parser.add_argument("task", choices=TASKS)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
 
 
 # Data: two modalities of items, and paired splits indexing them -------------------------------------------------
