@@ -54,6 +54,21 @@ int64_t tile_rows_for(int64_t rows, int64_t row_bytes) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Runs body(unit, first row, rows) over units x blocks of `rows` (blocks from block_rows_for) inside one
+// at::parallel_for, with autograd below the op in every worker; task t is unit t / blocks, block t % blocks.
+template <typename Body>
+void parallel_over_row_blocks(int64_t units, int64_t rows, Body body) {
+  const int64_t block = block_rows_for(rows, units);
+  const int64_t blocks = ceil_div(rows, block);
+  at::parallel_for(0, units * blocks, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first = (task % blocks) * block;
+      body(task / blocks, first, std::min(block, rows - first));
+    }
+  });
+}
+
 void check_cpu_dtype(const at::Tensor& ha) {
   const auto t = ha.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
@@ -154,19 +169,13 @@ void accumulate_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 // descheduled, as the BLAS library's own threads do (measured: slower than this under load).
 void gemm_by_columns(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
                      bool accumulate) {
-  const int64_t columns = out.size(1);
-  const int64_t block = block_rows_for(columns, 1);
-  at::parallel_for(0, ceil_div(columns, block), 1, [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t first = task * block, count = std::min(block, columns - first);
-      at::Tensor out_block = out.narrow(1, first, count);
-      const at::Tensor b_block = b.narrow(1, first, count);
-      if (bias.defined()) {
-        at::addmm_out(out_block, bias.narrow(0, first, count), a, b_block);
-      } else {
-        accumulate_product(out_block, a, b_block, accumulate);
-      }
+  parallel_over_row_blocks(1, out.size(1), [&](int64_t, int64_t first, int64_t count) {
+    at::Tensor out_block = out.narrow(1, first, count);
+    const at::Tensor b_block = b.narrow(1, first, count);
+    if (bias.defined()) {
+      at::addmm_out(out_block, bias.narrow(0, first, count), a, b_block);
+    } else {
+      accumulate_product(out_block, a, b_block, accumulate);
     }
   });
 }
@@ -199,23 +208,17 @@ void project_shared(const at::Tensor& stack, const std::vector<int64_t>& layers,
 void project_per_pair(const at::Tensor (&stacks)[2], const std::vector<int64_t>& index,
                       const SideParams* const (&params)[2], at::Tensor (&outputs)[2], int64_t num_pairs,
                       int64_t samples) {
-  const int64_t block = block_rows_for(samples, 2 * num_pairs);
-  const int64_t blocks = ceil_div(samples, block);
-  // Task t = ((k * 2) + side) * blocks + row block.
-  at::parallel_for(0, 2 * num_pairs * blocks, 1, [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row_block = task % blocks, side = (task / blocks) % 2, k = task / (2 * blocks);
-      const int64_t row_begin = row_block * block, rows = std::min(block, samples - row_begin);
-      const at::Tensor x = stacks[side].select(0, index[2 * k + side]).narrow(0, row_begin, rows);
-      at::Tensor out = outputs[side].select(0, k).narrow(0, row_begin, rows);
-      const at::Tensor weight_t = params[side]->weight_of(k).t();
-      const at::Tensor bias = params[side]->bias_of(k);
-      if (bias.defined()) {
-        at::addmm_out(out, bias, x, weight_t);
-      } else {
-        at::mm_out(out, x, weight_t);
-      }
+  // Unit u = k * 2 + side.
+  parallel_over_row_blocks(2 * num_pairs, samples, [&](int64_t unit, int64_t row_begin, int64_t rows) {
+    const int64_t side = unit % 2, k = unit / 2;
+    const at::Tensor x = stacks[side].select(0, index[2 * k + side]).narrow(0, row_begin, rows);
+    at::Tensor out = outputs[side].select(0, k).narrow(0, row_begin, rows);
+    const at::Tensor weight_t = params[side]->weight_of(k).t();
+    const at::Tensor bias = params[side]->bias_of(k);
+    if (bias.defined()) {
+      at::addmm_out(out, bias, x, weight_t);
+    } else {
+      at::mm_out(out, x, weight_t);
     }
   });
 }
@@ -323,44 +326,29 @@ void backward_per_pair(const at::Tensor (&stacks)[2], const at::Tensor (&grads)[
   for (int side = 0; side < 2; ++side) {
     const LayerSegments& seg = segs[side];
     const int64_t used = static_cast<int64_t>(seg.used.size());
-    const int64_t block = block_rows_for(rows, used);
-    const int64_t blocks = ceil_div(rows, block);
-    at::parallel_for(0, used * blocks, 1, [&](int64_t begin, int64_t end) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t u = task / blocks, row_begin = (task % blocks) * block;
-        const int64_t n = std::min(block, rows - row_begin);
-        const int64_t l = seg.used[u];
-        at::Tensor out = grad_stacks[side].select(0, l).narrow(0, row_begin, n);
-        for (int64_t s = seg.offsets[l]; s < seg.offsets[l + 1]; ++s) {
-          const int64_t k = seg.order[s];
-          const at::Tensor g = grads[side].select(0, k).narrow(0, row_begin, n);
-          accumulate_product(out, g, params[side]->weight_of(k), s > seg.offsets[l]);
-        }
+    parallel_over_row_blocks(used, rows, [&](int64_t u, int64_t row_begin, int64_t n) {
+      const int64_t l = seg.used[u];
+      at::Tensor out = grad_stacks[side].select(0, l).narrow(0, row_begin, n);
+      for (int64_t s = seg.offsets[l]; s < seg.offsets[l + 1]; ++s) {
+        const int64_t k = seg.order[s];
+        const at::Tensor g = grads[side].select(0, k).narrow(0, row_begin, n);
+        accumulate_product(out, g, params[side]->weight_of(k), s > seg.offsets[l]);
       }
     });
   }
 
   // grad[k].T @ h[i_k] (+ the B side when B shares the weights); every task owns its rows of the result.
   const int weights = shared ? 1 : 2;
-  const int64_t units = weights * num_pairs;
-  const int64_t block = block_rows_for(out_f, units);
-  const int64_t blocks = ceil_div(out_f, block);
-  at::parallel_for(0, units * blocks, 1, [&](int64_t begin, int64_t end) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in every worker
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t unit = task / blocks, f_begin = (task % blocks) * block;
-      const int64_t f = std::min(block, out_f - f_begin);
-      const int w = static_cast<int>(unit / num_pairs);
-      const int64_t k = unit % num_pairs;
-      at::Tensor out = grad_weights[w].select(0, k).narrow(0, f_begin, f);
-      // The sides feeding weight w: A (and B when shared) for w = 0, B for w = 1.
-      const int first_side = w, last_side = shared ? 1 : w;
-      for (int side = first_side; side <= last_side; ++side) {
-        const at::Tensor g = grads[side].select(0, k).narrow(1, f_begin, f).t();
-        const at::Tensor x = stacks[side].select(0, index[2 * k + side]);
-        accumulate_product(out, g, x, side > first_side);
-      }
+  parallel_over_row_blocks(weights * num_pairs, out_f, [&](int64_t unit, int64_t f_begin, int64_t f) {
+    const int w = static_cast<int>(unit / num_pairs);
+    const int64_t k = unit % num_pairs;
+    at::Tensor out = grad_weights[w].select(0, k).narrow(0, f_begin, f);
+    // The sides feeding weight w: A (and B when shared) for w = 0, B for w = 1.
+    const int first_side = w, last_side = shared ? 1 : w;
+    for (int side = first_side; side <= last_side; ++side) {
+      const at::Tensor g = grads[side].select(0, k).narrow(1, f_begin, f).t();
+      const at::Tensor x = stacks[side].select(0, index[2 * k + side]);
+      accumulate_product(out, g, x, side > first_side);
     }
   });
 }
