@@ -13,10 +13,14 @@ Choices (stated here so the numbers can be read):
   channel-independent linear map of each variable's normalised window to its horizon (RLinear), so the
   fusion path learns a correction to a strong linear forecaster;
 - residual cycle forecasting (CycleNet, Lin et al. 2024): a learned daily cycle per variable (24 hourly
-  or 96 quarter-hourly values) is subtracted from the normalised window at its phase and added back to
-  the forecast at the phase that follows, so the model forecasts what the daily pattern leaves over.
-  The cycle starts from the training windows' mean RevIN-normalised value at each phase (`mean_cycle`)
-  rather than zeros, so that training only refines it.
+  or 96 quarter-hourly values) is subtracted from the window at its phase before RevIN, as CycleNet
+  does, and added back to the forecast at the phase that follows, after RevIN is undone; the model
+  forecasts what the daily pattern leaves over. The cycle starts from the training rows' mean value at
+  each phase (`mean_cycle`) rather than zeros, so that training only refines it. (Taking the cycle
+  out after RevIN instead, in units of each window's std, makes the least-squares linear forecaster's
+  validation MSE worse at every horizon.)
+- RevIN either centres and scales each window (`--revin mean-std`, the default) or only centres it
+  (`--revin mean`).
 Full channel independence (7x the series per batch) was too slow for the CPU budget this was developed on."""
 
 import os
@@ -93,28 +97,23 @@ def load_splits(path, lookback, horizon, eval_stride=1):
 
 
 def mean_cycle(windows):
-    """(cycle_len, V): the mean over the training windows of each variable's RevIN-normalised value at
-    each phase of the daily cycle."""
-    lookback, cycle_len = windows.lookback, windows.cycle_len
-    history = windows.values.unfold(0, lookback, windows.stride)[:len(windows)].transpose(1, 2)  # (W, L, V)
-    mean = history.mean(dim=1, keepdim=True)
-    std = torch.sqrt(history.var(dim=1, keepdim=True, unbiased=False) + REVIN_EPS)
-    starts = windows.phase_offset + windows.stride * torch.arange(len(windows))
-    phases = (starts[:, None] + torch.arange(lookback)[None, :]) % cycle_len
-    sums = torch.zeros(cycle_len, history.shape[2]).index_add_(0, phases.flatten(),
-                                                               ((history - mean) / std).flatten(0, 1))
-    counts = torch.bincount(phases.flatten(), minlength=cycle_len).clamp(min=1)
+    """(cycle_len, V): the mean of each variable over the training rows at each phase of the daily cycle."""
+    values = windows.values
+    phases = (windows.phase_offset + torch.arange(len(values))) % windows.cycle_len
+    sums = torch.zeros(windows.cycle_len, values.shape[1]).index_add_(0, phases, values)
+    counts = torch.bincount(phases, minlength=windows.cycle_len).clamp(min=1)
     return sums / counts[:, None]
 
 
 class RevinForecaster(nn.Module):
     """RevIN around a StepFusionNet forecast head: history (B, L, V), calendar (B, L, C) and the window's
-    phase in the daily cycle (B,) -> forecast (B, horizon, V). With cycle_len 0 there is no cycle."""
+    phase in the daily cycle (B,) -> forecast (B, horizon, V). With cycle_len 0 there is no cycle; with
+    scale=False RevIN only centres each window (it does not divide by the window's std)."""
 
-    def __init__(self, config, patch_len, patch_stride, cycle_len=0):
+    def __init__(self, config, patch_len, patch_stride, cycle_len=0, scale=True):
         super().__init__()
         self.config = config
-        self.patch_len, self.patch_stride = patch_len, patch_stride
+        self.patch_len, self.patch_stride, self.scale = patch_len, patch_stride, scale
         self.net = StepFusionNet(config)
         self.cycle = nn.Parameter(torch.zeros(cycle_len, config.out_vars)) if cycle_len > 0 else None
 
@@ -126,21 +125,34 @@ class RevinForecaster(nn.Module):
         positions = torch.arange(offset, offset + length, device=phase.device)
         return self.cycle[(phase[:, None] + positions[None, :]) % self.cycle.shape[0]]
 
-    def forward(self, history, calendar, phase=None):
-        mean = history.mean(dim=1, keepdim=True)
-        std = torch.sqrt(history.var(dim=1, keepdim=True, unbiased=False) + REVIN_EPS)
-        normalised = (history - mean) / std
+    def normalise(self, history, phase=None):
+        """(normalised history, mean, std): the cycle taken out at the window's phase, then RevIN. `std` is
+        all ones when the model does not scale."""
         if self.cycle is not None:
             if phase is None:
                 raise ValueError("RevinForecaster: phase is required when the model has a cycle")
-            normalised = normalised - self._cycle_at(phase, 0, history.shape[1])
+            history = history - self._cycle_at(phase, 0, history.shape[1])
+        mean = history.mean(dim=1, keepdim=True)
+        if self.scale:
+            std = torch.sqrt(history.var(dim=1, keepdim=True, unbiased=False) + REVIN_EPS)
+        else:
+            std = torch.ones_like(mean)
+        return (history - mean) / std, mean, std
+
+    def denormalise(self, forecast, mean, std, phase=None, lookback=0):
+        """The inverse of `normalise` for a forecast that starts `lookback` rows after the history does."""
+        forecast = forecast * std + mean
+        if self.cycle is not None:
+            forecast = forecast + self._cycle_at(phase, lookback, forecast.shape[1])
+        return forecast
+
+    def forward(self, history, calendar, phase=None):
+        normalised, mean, std = self.normalise(history, phase)
         # (B, L, V) -> (B, P, V, patch_len) -> (B, P, V * patch_len): a patch token holds every variable.
         patches = normalised.unfold(1, self.patch_len, self.patch_stride).flatten(2)
         steps = torch.cat([normalised, calendar], dim=-1)
         forecast = self.net(patches, steps, skip=normalised)
-        if self.cycle is not None:
-            forecast = forecast + self._cycle_at(phase, history.shape[1], forecast.shape[1])
-        return forecast * std + mean
+        return self.denormalise(forecast, mean, std, phase, history.shape[1])
 
 
 def add_arguments(parser):
@@ -149,6 +161,8 @@ def add_arguments(parser):
     parser.add_argument("--patch-len", type=int, default=16)
     parser.add_argument("--patch-stride", type=int, default=8)
     parser.add_argument("--no-cycle", action="store_true", help="no residual daily cycle (CycleNet's RCF)")
+    parser.add_argument("--revin", default="mean-std", choices=("mean-std", "mean"),
+                        help="per-window normalisation: centre and scale, or centre only")
     parser.add_argument("--loss", default="mse", choices=tuple(TRAINING_LOSSES),
                         help="training loss (the model is still selected and reported by MSE and MAE)")
     parser.add_argument("--eval-stride", type=int, default=1,
@@ -164,7 +178,8 @@ def build(args, model_kwargs):
     config = StepFusionConfig(in_a=variables * args.patch_len, in_b=variables + train.calendar.shape[1],
                               max_len_a=patches, max_len_b=args.lookback, head="forecast", horizon=args.horizon,
                               out_vars=variables, skip_len=args.lookback, **model_kwargs)
-    model = RevinForecaster(config, args.patch_len, args.patch_stride, 0 if args.no_cycle else train.cycle_len)
+    model = RevinForecaster(config, args.patch_len, args.patch_stride, 0 if args.no_cycle else train.cycle_len,
+                            scale=args.revin == "mean-std")
     if model.cycle is not None:
         with torch.no_grad():
             model.cycle.copy_(mean_cycle(train))
@@ -187,7 +202,7 @@ def build(args, model_kwargs):
                      selection="mse", higher_is_better=False,
                      description={"data": path, "lookback": args.lookback, "horizon": args.horizon,
                                   "windows": [len(train), len(validation), len(test)],
-                                  "eval_stride": args.eval_stride, "loss": args.loss,
+                                  "eval_stride": args.eval_stride, "loss": args.loss, "revin": args.revin,
                                   "cycle_len": 0 if args.no_cycle else train.cycle_len,
                                   "variables": table.columns})
 
