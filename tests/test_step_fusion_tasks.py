@@ -69,15 +69,22 @@ def test_ett_splits_on_etth1():
         ((table.values[8544:8640] - table.values[:8640].mean(0)) / table.values[:8640].std(0)).astype(np.float32)))
 
 
-def test_ett_forecaster_is_equivariant_to_a_level_shift():
+@pytest.mark.parametrize("scale", [True, False])
+def test_ett_forecaster_is_equivariant_to_a_level_shift(scale):
     # RevIN: adding c to the whole history adds c to the forecast, whatever the weights.
     config = StepFusionConfig(in_a=3 * 8, in_b=3 + 4, max_len_a=3, max_len_b=16, head="forecast", horizon=6,
                               out_vars=3, skip_len=16, dim=8, heads=2, steps=1, dropout=0.0, backend="cpu")
-    model = ett.RevinForecaster(config, 8, 4).eval()
+    model = ett.RevinForecaster(config, 8, 4, scale=scale).eval()
     history, calendar = torch.randn(2, 16, 3), torch.rand(2, 16, 4) - 0.5
     forecast = model(history, calendar)
     assert forecast.shape == (2, 6, 3)
     torch.testing.assert_close(model(history + 5.0, calendar), forecast + 5.0, rtol=1e-4, atol=1e-4)
+    # Only the scaling RevIN makes the forecast scale with the history.
+    scaled = model(3.0 * history, calendar)
+    if scale:
+        torch.testing.assert_close(scaled, 3.0 * forecast, rtol=1e-4, atol=1e-4)
+    else:
+        assert not torch.allclose(scaled, 3.0 * forecast, rtol=1e-2, atol=1e-2)
 
 
 def test_ett_forecaster_cycle_enters_at_the_window_phase():
@@ -97,13 +104,12 @@ def test_ett_forecaster_cycle_enters_at_the_window_phase():
         rolled.cycle.copy_(torch.roll(model.cycle, 2, dims=0))
         torch.testing.assert_close(rolled(history, calendar, phase + 2), forecast)
         torch.testing.assert_close(model(history, calendar, phase + 5), forecast)
-        # With the network silenced, the forecast is the cycle at the 6 rows after the 16-row history,
-        # in the window's own scale.
+        # With the network silenced, the forecast is the mean of the history less its cycle, plus the cycle
+        # at the 6 rows after the 16-row history.
         for parameter in model.net.parameters():
             parameter.zero_()
-        mean = history.mean(dim=1, keepdim=True)
-        std = torch.sqrt(history.var(dim=1, keepdim=True, unbiased=False) + ett.REVIN_EPS)
-        expected = model.cycle[(phase[:, None] + torch.arange(16, 22)) % 5] * std + mean
+        cycle = model.cycle[(phase[:, None] + torch.arange(22)) % 5]
+        expected = (history - cycle[:, :16]).mean(dim=1, keepdim=True) + cycle[:, 16:]
         torch.testing.assert_close(model(history, calendar, phase), expected)
     with pytest.raises(ValueError, match="phase"):
         model(history, calendar)
@@ -295,6 +301,18 @@ def test_cli_ecg5000_end_to_end(tmp_path, capsys):
 
 
 @needs_data
+def test_cli_ecg5000_without_validation_keeps_the_final_weights(tmp_path):
+    report = _run_cli("ecg5000", tmp_path, "--epochs", "2", "--max-steps", "3", "--batch-size", "8",
+                      "--validation-fraction", "0")
+    assert report["setup"]["sizes"] == [500, 0, 4500] and report["validation"] == {}
+    assert report["best_step"] == report["steps"] == 3
+    assert torch.load(tmp_path / "best.pt")["step"] == 3
+    for fraction in ("-0.1", "1"):
+        with pytest.raises(ValueError, match="validation-fraction"):
+            cli.main(["ecg5000", "--out", str(tmp_path), *TINY_MODEL, "--validation-fraction", fraction])
+
+
+@needs_data
 def test_cli_mitdb_end_to_end(tmp_path, capsys):
     report = _run_cli("mitdb", tmp_path, "--epochs", "1", "--max-steps", "2", "--batch-size", "8")
     assert report["setup"]["class_counts"][2] == [447, 6, 0, 0, 0]
@@ -328,7 +346,7 @@ def test_class_weights_from_training_counts():
 
 
 def test_ett_mean_cycle_recovers_a_daily_pattern():
-    # Values = a pattern of period 24 plus noise: the mean normalised value per phase follows the pattern.
+    # Values = a pattern of period 24 plus noise: the mean value per phase follows the pattern.
     generator = np.random.default_rng(0)
     rows, lookback = 24 * 40 + 5, 48
     pattern = np.stack([np.sin(2 * np.pi * np.arange(24) / 24), np.cos(4 * np.pi * np.arange(24) / 24)], 1)
@@ -338,5 +356,5 @@ def test_ett_mean_cycle_recovers_a_daily_pattern():
     windows = ett.EttWindows(values, calendar, (0, rows), lookback, 12, cycle_len=24, first_phase=phase0)
     cycle = ett.mean_cycle(windows).numpy()
     assert cycle.shape == (24, 2)
-    # A 48-row window holds two whole periods, so RevIN's mean is ~0 and its std that of the pattern.
-    np.testing.assert_allclose(cycle, pattern / pattern.std(axis=0), atol=0.05)
+    np.testing.assert_allclose(cycle, pattern, atol=0.05)
+

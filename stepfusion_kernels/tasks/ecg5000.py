@@ -62,7 +62,9 @@ def augment_beats(beats, strength, generator=None):
 def add_arguments(parser):
     parser.add_argument("--n-fft", type=int, default=32)
     parser.add_argument("--hop", type=int, default=4)
-    parser.add_argument("--validation-fraction", type=float, default=0.2)
+    parser.add_argument("--validation-fraction", type=float, default=0.2,
+                        help="share of the training beats held out for choosing the checkpoint (0: train on "
+                             "all of them and keep the final weights)")
     parser.add_argument("--class-weights", default="none", choices=CLASS_WEIGHTINGS,
                         help="cross-entropy class weights from the training counts")
     parser.add_argument("--augment", type=float, default=0.0,
@@ -74,6 +76,8 @@ def add_arguments(parser):
 def build(args, model_kwargs):
     if args.augment < 0:
         raise ValueError(f"--augment must be >= 0, got {args.augment}")
+    if not 0 <= args.validation_fraction < 1:
+        raise ValueError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
     path = resolve_data_path(args.data, DEFAULT_DATA)
     (train_series, train_labels), (test_series, test_labels) = read_ecg5000(path)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1

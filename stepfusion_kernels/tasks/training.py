@@ -1,6 +1,7 @@
 """The training loop every task shares: AdamW with a cosine schedule, tqdm progress, validation after
 every epoch (and when the step budget runs out), the best-validation checkpoint kept on disk and
-restored for the test, metrics.json, a PNG and one printed line of test metrics.
+restored for the test, metrics.json, a PNG and one printed line of test metrics. With an empty
+validation split the checkpoint is the final weights.
 
 Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment) it trains with
 DistributedDataParallel: gloo on CPU, NCCL on CUDA, a DistributedSampler sharding each epoch, and
@@ -132,13 +133,16 @@ def train(setup, options):
 
     def validate():
         nonlocal best_value, best_step, best_validation
-        metrics = setup.evaluate(*predict_split(setup, model, setup.validation, options, device))
-        value = metrics[setup.selection]
-        # Ties go to the later, longer-trained weights (accuracy on a small validation split plateaus).
-        improved = best_value is None or (value >= best_value if setup.higher_is_better else value <= best_value)
+        if len(setup.validation) == 0:  # nothing to choose by: the latest weights are the checkpoint
+            metrics, improved = {}, True
+        else:
+            metrics = setup.evaluate(*predict_split(setup, model, setup.validation, options, device))
+            value = metrics[setup.selection]
+            # Ties go to the later, longer-trained weights (accuracy on a small validation split plateaus).
+            improved = best_value is None or (value >= best_value if setup.higher_is_better else value <= best_value)
         history.append({"step": step, "train_loss": running_loss, **metrics})
         if improved:
-            best_value, best_step, best_validation = value, step, metrics
+            best_value, best_step, best_validation = metrics.get(setup.selection), step, metrics
             if rank == 0:
                 torch.save({"model": model.state_dict(), "config": _plain(getattr(model, "config", None)),
                             "step": step, "validation": metrics, "task": setup.name}, checkpoint_path)
@@ -166,8 +170,8 @@ def train(setup, options):
         bar.close()
         metrics = validate()
         if rank == 0 and options.progress:
-            tqdm.write(f"{setup.name} epoch {epoch + 1} step {step}: train loss {running_loss:.4f}, validation "
-                       + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "none (no validation split)"
+            tqdm.write(f"{setup.name} epoch {epoch + 1} step {step}: train loss {running_loss:.4f}, validation {scores}")
         epoch += 1
     if total_steps == 0:
         validate()
