@@ -1,7 +1,7 @@
 """stepfusion-train TASK [options]: train and evaluate StepFusionNet on one of the real-data tasks.
 
     stepfusion-train ett --horizon 96 --out runs/ett_h96
-    stepfusion-train ecg5000 --epochs 60 --out runs/ecg5000
+    stepfusion-train ecg5000 --out runs/ecg5000
     stepfusion-train mitdb --data /path/to/mitdb --out runs/mitdb
     torchrun --nproc_per_node=2 -m stepfusion_kernels.train ett --max-steps 100   # DistributedDataParallel
     stepfusion-train metafusion-alzheimer --repeats 5 --out runs/metafusion-alzheimer   # Meta Fusion
