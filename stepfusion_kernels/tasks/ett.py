@@ -108,10 +108,10 @@ def mean_cycle(windows):
 
 class RevinForecaster(nn.Module):
     """RevIN around a StepFusionNet forecast head: history (B, L, V), calendar (B, L, C) and the window's
-    phase in the daily cycle (B,) -> forecast (B, horizon, V). With cycle_len 0 there is no cycle; with
-    scale=False RevIN only centres each window (it does not divide by the window's std)."""
+    phase in the daily cycle (B,) -> forecast (B, horizon, V). With cycle_len 0 there is no cycle. RevIN
+    centres each window; with scale=True it also divides it by its std."""
 
-    def __init__(self, config, patch_len, patch_stride, cycle_len=0, scale=True):
+    def __init__(self, config, patch_len, patch_stride, cycle_len=0, scale=False):
         super().__init__()
         self.config = config
         self.patch_len, self.patch_stride, self.scale = patch_len, patch_stride, scale
