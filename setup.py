@@ -61,6 +61,18 @@ def _pip_cuda_include_dirs():
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
+def _cublaslt_library():
+    """The cuBLASLt shared library to link (skew_pair_project's grouped GEMM): the toolkit's, else the one
+    pip's nvidia packages ship for torch (versioned name only, so it is linked by path)."""
+    dirs = [os.path.join(CUDA_HOME, sub) for sub in ("lib64", "lib", "targets/x86_64-linux/lib")]
+    dirs += [os.path.join(os.path.dirname(d), "lib") for d in _pip_cuda_include_dirs()]
+    for directory in dirs:
+        found = sorted(glob.glob(os.path.join(directory, "libcublasLt.so*")), key=len)
+        if found:
+            return found[0]
+    raise RuntimeError(f"cuBLASLt (libcublasLt.so*) not found in {dirs}; set STEPFUSION_CUDA=0 for a CPU-only build")
+
+
 def _cpu_flags():
     """Flags for at::vec: it picks its implementation from CPU_CAPABILITY_* macros at compile time."""
     custom = os.environ.get("STEPFUSION_CPU_FLAGS")
@@ -123,7 +135,7 @@ def _extension():
             "cxx": cxx_flags + ["-DSTEPFUSION_WITH_CUDA"],
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSTEPFUSION_WITH_CUDA"],
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", _cublaslt_library()],
         py_limited_api=True,
     )
 

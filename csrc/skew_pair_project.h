@@ -1,7 +1,8 @@
 // Argument checks and shapes of skew_pair_project shared by the CPU and CUDA implementations.
 // The Python layer raises friendly ValueErrors first; these checks guard direct calls of
 // torch.ops.stepfusion.skew_pair_project so that no kernel ever reads out of bounds (the pair
-// indices are range-checked here, which costs one small device-to-host copy on CUDA).
+// indices are range-checked here, which costs one small device-to-host copy when they are on the GPU:
+// pairs may stay on the CPU, a few integers, to spare every call that synchronisation).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -69,8 +70,8 @@ inline SkewPairProjectShape check_skew_pair_project(const at::Tensor& ha, const 
               pairs.sizes());
   TORCH_CHECK(pairs.scalar_type() == at::kLong, "skew_pair_project: pairs must be int64, got ",
               pairs.scalar_type());
-  TORCH_CHECK(pairs.device() == ha.device(), "skew_pair_project: pairs must be on ", ha.device(),
-              " like ha, got ", pairs.device());
+  TORCH_CHECK(pairs.device() == ha.device() || pairs.is_cpu(), "skew_pair_project: pairs must be on ", ha.device(),
+              " like ha, or on the CPU, got ", pairs.device());
   TORCH_CHECK(weight_a.dim() == 2 || weight_a.dim() == 3,
               "skew_pair_project: weight_a must have shape (F, E) or (P, F, E), got ", weight_a.sizes());
   SkewPairProjectShape shape{ha.size(0), hb.size(0), ha.size(1), ha.size(2),

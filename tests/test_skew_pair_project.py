@@ -58,6 +58,36 @@ def test_matches_reference(case, backend, device, dtype):
     check_against_reference(OP, case, backend, device, dtype)
 
 
+@NEEDS_GPU
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_own_grouped_gemm_matches_reference(case, dtype, monkeypatch):
+    # The CUDA backend runs its products on cuBLASLt; STEPFUSION_SKEW_BLASLT=0 selects its own grouped GEMM
+    # kernel, the fallback for problems cuBLASLt has no algorithm for, which must agree as well.
+    monkeypatch.setenv("STEPFUSION_SKEW_BLASLT", "0")
+    check_against_reference(OP, case, "cuda", "cuda", dtype)
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("per_pair", [False, True], ids=["shared", "perpair"])
+def test_cuda_inputs_take_pairs_on_the_cpu(backend, per_pair):
+    # pairs may stay on the CPU (no device-to-host copy per call); values and gradients are unchanged.
+    inputs = make_case(5, 4, 17, 33, 9, per_pair=per_pair, separate_b=True).build(seeded_generator("cpu-pairs"))
+    names = ["ha", "hb", "weight_a", "bias_a", "weight_b", "bias_b"]
+    ours = {name: inputs[name].float().cuda().requires_grad_() for name in names}
+    reference = {name: inputs[name].clone().requires_grad_() for name in names}
+    pa, pb = sk.skew_pair_project(pairs=inputs["pairs"], backend=backend, **ours)
+    ra, rb = python_ref.skew_pair_project(pairs=inputs["pairs"], **reference)
+    torch.testing.assert_close(pa.double().cpu(), ra, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pb.double().cpu(), rb, rtol=1e-4, atol=1e-4)
+    grad_a, grad_b = torch.randn_like(ra), torch.randn_like(rb)
+    torch.autograd.backward((pa, pb), (grad_a.float().cuda(), grad_b.float().cuda()))
+    torch.autograd.backward((ra, rb), (grad_a, grad_b))
+    for name in names:
+        torch.testing.assert_close(ours[name].grad.double().cpu(), reference[name].grad, rtol=1e-4, atol=1e-3)
+
+
 # Wide enough rows that the CPU kernel's shared-weight path runs several row tiles (2 MiB each in fp32 and
 # fp64): tiles that start inside a pair's rows, gathered tiles, and tiles read or written in place (runs of
 # consecutive layers, e.g. the A layers in use 0..4 and the pairs k = 3..7 on A, k = 0..3 on B).
@@ -107,6 +137,13 @@ def test_backward_is_bitwise_reproducible(per_pair, backend, device):
     pairs = ((0, 1), (1, 1), (0, 1), (0, 0), (1, 1), (0, 2))  # layers hit by up to three pairs
     case = make_case(2, 3, 150, 24, 20, pairs=pairs, per_pair=per_pair)
     check_deterministic_backward(OP, case, backend, device, torch.float32)
+
+
+@NEEDS_GPU
+def test_cuda_own_grouped_gemm_backward_is_bitwise_reproducible(monkeypatch):
+    monkeypatch.setenv("STEPFUSION_SKEW_BLASLT", "0")
+    pairs = ((0, 1), (1, 1), (0, 1), (0, 0), (1, 1), (0, 2))
+    check_deterministic_backward(OP, make_case(2, 3, 150, 24, 20, pairs=pairs), "cuda", "cuda", torch.float32)
 
 
 def test_gradient_of_a_repeated_layer_is_the_sum_over_its_pairs():

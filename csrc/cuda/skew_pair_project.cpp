@@ -1,5 +1,9 @@
 // skew_pair_project on CUDA: argument checks, allocation, dtype dispatch and the term lists around
-// the grouped GEMM of skew_pair_project_kernel.cu. Three launches of it cover everything:
+// the grouped GEMM. The products run on cuBLASLt's pointer-array batches (blaslt_grouped_gemm.h),
+// which read every operand in place at the speed of one dense cuBLAS GEMM; the pointers come from
+// `pairs` on the host (pairs kept on the CPU spare each call a device-to-host copy and its wait). Where cuBLASLt has no algorithm,
+// or with STEPFUSION_SKEW_BLASLT=0, the hand-written grouped GEMM of skew_pair_project_kernel.cu runs
+// instead. Either way three grouped GEMMs cover everything:
 //   forward        2P problems (side, pair), one term each: pa[k] / pb[k] = h[layer] @ W(k)^T + b(k)
 //   grad_ha, hb    LA + LB problems (one per layer), whose terms are the pairs using the layer,
 //                  sorted stably by layer here with torch ops (a segment reduction, no atomics)
@@ -16,12 +20,15 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "../common.h"
 #include "dispatch.h"
 #include "../skew_pair_project.h"
+#include "blaslt_grouped_gemm.h"
 #include "skew_pair_project_kernel.h"
 
 namespace stepfusion {
@@ -62,6 +69,131 @@ ContiguousArgs contiguous_args(const at::Tensor& ha, const at::Tensor& hb, const
 // A fresh contiguous tensor of t's shape (empty_like would copy a non-contiguous t's strides).
 at::Tensor empty_contiguous(const at::Tensor& t) { return at::empty(t.sizes(), t.options()); }
 
+// ---- The cuBLASLt path. Row-major (rows, cols) matrices are column-major (cols, rows) to cuBLAS.
+
+// cuBLASLt takes every problem with a nonzero reduction (E, F and N are checked nonzero by the callers'
+// early returns or here), unless STEPFUSION_SKEW_BLASLT=0 asks for the hand-written kernel.
+bool use_blaslt(const SkewPairProjectShape& shape) {
+  const char* setting = std::getenv("STEPFUSION_SKEW_BLASLT");
+  return (setting == nullptr || std::strcmp(setting, "0") != 0) && shape.in_features > 0 && shape.out_features > 0;
+}
+
+// Address of element `offset` of t's storage (t contiguous).
+const void* element(const at::Tensor& t, int64_t offset) {
+  return static_cast<const char*>(t.const_data_ptr()) + offset * t.element_size();
+}
+void* element(at::Tensor& t, int64_t offset) {
+  return static_cast<char*>(t.mutable_data_ptr()) + offset * t.element_size();
+}
+
+// Rows per forward problem when there is a bias: the largest divisor of N in [128, 512] (N itself
+// when N <= 512 or no such divisor exists). The bias enters as C = a (chunk, F) matrix of bias rows,
+// since cuBLASLt's bias epilogue does not take pointer arrays; splitting each pair's N rows into
+// problems of `chunk` rows keeps that matrix small enough to stay in L2 while every problem reads it.
+int64_t bias_row_chunk(int64_t samples) {
+  if (samples <= 512) return samples;
+  for (int64_t rows = 512; rows >= 128; --rows) {
+    if (samples % rows == 0) return rows;
+  }
+  return samples;
+}
+
+// pa[k] (N x F) = h[layer] (N x E) @ W(k)^T + b(k): in cuBLAS terms D (F x rows) = op(A) @ op(B) + C with
+// A the weight (E x F) transposed, B the layer's rows (E x rows) and C the bias rows.
+bool forward_blaslt(const ContiguousArgs& args, const SkewPairProjectShape& shape, const at::Tensor& pairs_host,
+                    at::Tensor& pa, at::Tensor& pb) {
+  const int64_t P = shape.pairs, N = shape.samples, E = shape.in_features, F = shape.out_features;
+  const bool has_bias = args.bias_a.defined() || args.bias_b.defined();
+  const int64_t chunk = has_bias ? bias_row_chunk(N) : N;
+  const int64_t weight_count = shape.per_pair ? P : 1;
+  at::Tensor bias_rows[2];  // (P or 1, chunk, F): zeros for a side without a bias
+  if (has_bias) {
+    const at::Tensor biases[2] = {args.bias_a, args.bias_b};
+    for (int side = 0; side < 2; ++side) {
+      const at::Tensor bias = biases[side].defined() ? biases[side].reshape({weight_count, 1, F})
+                                                     : at::zeros({weight_count, 1, F}, args.ha.options());
+      bias_rows[side] = bias.expand({weight_count, chunk, F}).contiguous();
+    }
+  }
+  const at::Tensor* stacks[2] = {&args.ha, &args.hb};
+  const at::Tensor* weights[2] = {&args.weight_a, &args.weight_b};
+  at::Tensor* outputs[2] = {&pa, &pb};
+  const auto layers = pairs_host.accessor<int64_t, 2>();
+  std::vector<BlasLtProblem> problems;
+  for (int side = 0; side < 2; ++side) {
+    for (int64_t k = 0; k < P; ++k) {
+      const int64_t slot = shape.per_pair ? k : 0;
+      for (int64_t row = 0; row < N; row += chunk) {
+        problems.push_back({element(*outputs[side], (k * N + row) * F),
+                            has_bias ? element(bias_rows[side], slot * chunk * F) : nullptr,
+                            {{element(*weights[side], slot * F * E),
+                              element(*stacks[side], (layers[k][side] * N + row) * E)}}});
+      }
+    }
+  }
+  return blaslt_grouped_gemm({CUBLAS_OP_T, CUBLAS_OP_N, F, chunk, E, E, E, F}, args.ha.scalar_type(), problems,
+                             args.ha.device());
+}
+
+// grad_h[layer] (N x E) = sum over the layer's pairs, in ascending order, of grad_p[k] (N x F) @ W(k)
+// (F x E); a layer no pair uses is zero.
+bool grad_features_blaslt(const ContiguousArgs& args, const SkewPairProjectShape& shape,
+                          const at::Tensor& pairs_host, const at::Tensor& grad_pa, const at::Tensor& grad_pb,
+                          at::Tensor& grad_ha, at::Tensor& grad_hb) {
+  const int64_t P = shape.pairs, N = shape.samples, E = shape.in_features, F = shape.out_features;
+  const at::Tensor* grads[2] = {&grad_pa, &grad_pb};
+  const at::Tensor* weights[2] = {&args.weight_a, &args.weight_b};
+  at::Tensor* grad_stacks[2] = {&grad_ha, &grad_hb};
+  const auto layers = pairs_host.accessor<int64_t, 2>();
+  std::vector<BlasLtProblem> problems;
+  std::vector<at::Tensor> unused_layers;
+  for (int side = 0; side < 2; ++side) {
+    std::vector<std::vector<BlasLtTerm>> terms(grad_stacks[side]->size(0));
+    for (int64_t k = 0; k < P; ++k) {
+      terms[layers[k][side]].push_back(
+          {element(*weights[side], shape.per_pair ? k * F * E : 0), element(*grads[side], k * N * F)});
+    }
+    for (int64_t layer = 0; layer < static_cast<int64_t>(terms.size()); ++layer) {
+      if (terms[layer].empty()) {
+        unused_layers.push_back(grad_stacks[side]->select(0, layer));
+      } else {
+        problems.push_back({element(*grad_stacks[side], layer * N * E), nullptr, std::move(terms[layer])});
+      }
+    }
+  }
+  if (!blaslt_grouped_gemm({CUBLAS_OP_N, CUBLAS_OP_N, E, N, F, E, F, E}, args.ha.scalar_type(), problems,
+                           args.ha.device())) {
+    return false;
+  }
+  for (at::Tensor& layer : unused_layers) layer.zero_();
+  return true;
+}
+
+// grad_W (F x E) = sum over its terms of grad_p[k]^T (F x N) @ h[layer] (N x E): one problem per
+// weight (per pair's weight) and side, or with weight_b absent both sides' terms, A's first.
+bool grad_weights_blaslt(const ContiguousArgs& args, const SkewPairProjectShape& shape,
+                         const at::Tensor& pairs_host, const at::Tensor& grad_pa, const at::Tensor& grad_pb,
+                         bool shared_b, at::Tensor& grad_weight_a, at::Tensor& grad_weight_b) {
+  const int64_t P = shape.pairs, N = shape.samples, E = shape.in_features, F = shape.out_features;
+  const at::Tensor* stacks[2] = {&args.ha, &args.hb};
+  const at::Tensor* grads[2] = {&grad_pa, &grad_pb};
+  const auto layers = pairs_host.accessor<int64_t, 2>();
+  std::vector<BlasLtProblem> problems;
+  for (int64_t slot = 0; slot < (shape.per_pair ? P : 1); ++slot) {
+    std::vector<BlasLtTerm> terms[2];
+    for (int side = 0; side < 2; ++side) {
+      for (int64_t k = shape.per_pair ? slot : 0; k < (shape.per_pair ? slot + 1 : P); ++k) {
+        terms[side].push_back({element(*stacks[side], layers[k][side] * N * E), element(*grads[side], k * N * F)});
+      }
+    }
+    if (shared_b) terms[0].insert(terms[0].end(), terms[1].begin(), terms[1].end());
+    problems.push_back({element(grad_weight_a, slot * F * E), nullptr, std::move(terms[0])});
+    if (!shared_b) problems.push_back({element(grad_weight_b, slot * F * E), nullptr, std::move(terms[1])});
+  }
+  return blaslt_grouped_gemm({CUBLAS_OP_N, CUBLAS_OP_T, E, F, N, E, F, E}, args.ha.scalar_type(), problems,
+                             args.ha.device());
+}
+
 template <typename cuda_t>
 void launch(SkewGemmKind kind, const SkewGemmArgs<cuda_t>& gemm, const SkewPairDevice& device) {
   C10_CUDA_CHECK(launch_skew_pair_gemm(kind, gemm, device, at::cuda::getCurrentCUDAStream()));
@@ -83,6 +215,8 @@ std::tuple<at::Tensor, at::Tensor> skew_pair_project_cuda(const at::Tensor& ha_i
   if (P == 0 || N == 0) return {pa, pb};
 
   const ContiguousArgs args = contiguous_args(ha_in, hb_in, pairs_in, weight_a_in, bias_a, weight_b, bias_b);
+  if (use_blaslt(shape) && forward_blaslt(args, shape, args.pairs.to(at::kCPU), pa, pb)) return {pa, pb};
+  const at::Tensor pairs_device = args.pairs.to(args.ha.device());  // the kernel reads the pairs on the GPU
   const int64_t weight_stride = shape.per_pair ? F * E : 0;
   const int64_t bias_stride = shape.per_pair ? F : 0;
   STEPFUSION_DISPATCH_CUDA_TYPES(args.ha.scalar_type(), "skew_pair_project_cuda", [&] {
@@ -100,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> skew_pair_project_cuda(const at::Tensor& ha_i
                 {bias_stride, bias_stride},
                 P};
     gemm.terms = {0, nullptr, nullptr, 1, 1, 0};
-    gemm.pairs = args.pairs.const_data_ptr<int64_t>();
+    gemm.pairs = pairs_device.const_data_ptr<int64_t>();
     gemm.num_pairs = P;
     gemm.problems = 2 * P;
     gemm.rows = N;
@@ -142,69 +276,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad_pa = grad_pa_in.contiguous();
   const at::Tensor grad_pb = grad_pb_in.contiguous();
 
-  // Segments of grad_h: term q = side * P + k is keyed by its layer in the stacked [ha; hb] layers
-  // (pairs[k][0], or LA + pairs[k][1]); a stable sort keeps each layer's terms in ascending q, and
-  // layer l's terms are entries[offsets[l] .. offsets[l + 1]) (empty for a layer no pair uses).
-  const at::Tensor layer_keys = at::cat({args.pairs.select(1, 0), args.pairs.select(1, 1) + LA});
-  const auto sorted = at::sort(layer_keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor segment_entries = std::get<1>(sorted).contiguous();
-  const at::Tensor segment_offsets =
-      at::searchsorted(std::get<0>(sorted), at::arange(LA + LB + 1, args.pairs.options())).contiguous();
-
+  const bool blaslt = use_blaslt(shape);
+  const at::Tensor pairs_host = blaslt ? args.pairs.to(at::kCPU) : at::Tensor();
+  const bool features_done =
+      blaslt && grad_features_blaslt(args, shape, pairs_host, grad_pa, grad_pb, grad_ha, grad_hb);
+  const bool weights_done =
+      blaslt && grad_weights_blaslt(args, shape, pairs_host, grad_pa, grad_pb, shared_b, grad_weight_a, grad_weight_b);
   const int64_t weight_stride = shape.per_pair ? F * E : 0;
   const SkewPairDevice device = current_device();
-  STEPFUSION_DISPATCH_CUDA_TYPES(args.ha.scalar_type(), "skew_pair_project_backward_cuda", [&] {
-    using cuda_t = typename CudaType<scalar_t>::type;
-    const SkewOperand<cuda_t> grad_p_operand{
-        {data_or_null<cuda_t>(grad_pa), data_or_null<cuda_t>(grad_pb)}, {N * F, N * F}, F, false};
+  if (!features_done || !weights_done) {
+    const at::Tensor pairs_device = args.pairs.to(args.ha.device());  // the kernel reads the pairs on the GPU
+    // Segments of grad_h: term q = side * P + k is keyed by its layer in the stacked [ha; hb] layers
+    // (pairs[k][0], or LA + pairs[k][1]); a stable sort keeps each layer's terms in ascending q, and
+    // layer l's terms are entries[offsets[l] .. offsets[l + 1]) (empty for a layer no pair uses).
+    const at::Tensor layer_keys = at::cat({pairs_device.select(1, 0), pairs_device.select(1, 1) + LA});
+    const auto sorted = at::sort(layer_keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const at::Tensor segment_entries = std::get<1>(sorted).contiguous();
+    const at::Tensor segment_offsets =
+        at::searchsorted(std::get<0>(sorted), at::arange(LA + LB + 1, pairs_device.options())).contiguous();
+    STEPFUSION_DISPATCH_CUDA_TYPES(args.ha.scalar_type(), "skew_pair_project_backward_cuda", [&] {
+      using cuda_t = typename CudaType<scalar_t>::type;
+      const SkewOperand<cuda_t> grad_p_operand{
+          {data_or_null<cuda_t>(grad_pa), data_or_null<cuda_t>(grad_pb)}, {N * F, N * F}, F, false};
 
-    // grad_h[layer] (N x E) = sum over the layer's terms of grad_p[k] (N x F) @ W(k) (F x E).
-    SkewGemmArgs<cuda_t> features{};
-    features.a = grad_p_operand;
-    features.b = {{data_or_null<cuda_t>(args.weight_a), data_or_null<cuda_t>(args.weight_b)},
-                  {weight_stride, weight_stride},
-                  E,
-                  false};
-    features.out = {{mutable_data<cuda_t>(grad_ha), mutable_data<cuda_t>(grad_hb)}, N * E, {nullptr, nullptr},
-                    {0, 0}, LA};
-    features.terms = {0, segment_offsets.const_data_ptr<int64_t>(), segment_entries.const_data_ptr<int64_t>(), 0, 0,
-                      0};
-    features.pairs = args.pairs.const_data_ptr<int64_t>();
-    features.num_pairs = P;
-    features.problems = LA + LB;
-    features.rows = N;
-    features.cols = E;
-    features.depth = F;
-    launch(SkewGemmKind::kGradFeatures, features, device);
+      // grad_h[layer] (N x E) = sum over the layer's terms of grad_p[k] (N x F) @ W(k) (F x E).
+      SkewGemmArgs<cuda_t> features{};
+      features.a = grad_p_operand;
+      features.b = {{data_or_null<cuda_t>(args.weight_a), data_or_null<cuda_t>(args.weight_b)},
+                    {weight_stride, weight_stride},
+                    E,
+                    false};
+      features.out = {{mutable_data<cuda_t>(grad_ha), mutable_data<cuda_t>(grad_hb)}, N * E, {nullptr, nullptr},
+                      {0, 0}, LA};
+      features.terms = {0, segment_offsets.const_data_ptr<int64_t>(), segment_entries.const_data_ptr<int64_t>(), 0, 0,
+                        0};
+      features.pairs = pairs_device.const_data_ptr<int64_t>();
+      features.num_pairs = P;
+      features.problems = LA + LB;
+      features.rows = N;
+      features.cols = E;
+      features.depth = F;
+      if (!features_done) launch(SkewGemmKind::kGradFeatures, features, device);
 
-    // grad_W (F x E) = sum over its terms of grad_p[k]^T (F x N) @ h[layer] (N x E). Terms are
-    // q = first + g * problem_step + t * term_step (see SkewTerms); with weight_b absent a problem
-    // takes side A's terms, then side B's.
-    SkewGemmArgs<cuda_t> weights{};
-    weights.a = grad_p_operand;
-    weights.b = {{data_or_null<cuda_t>(args.ha), data_or_null<cuda_t>(args.hb)}, {N * E, N * E}, E, true};
-    cuda_t* grad_weight_b_data = shared_b ? nullptr : mutable_data<cuda_t>(grad_weight_b);
-    if (shape.per_pair) {
-      // Problem g: grad_weight_a[g] (terms g, and P + g when shared), or grad_weight_b[g - P].
-      weights.problems = shared_b ? P : 2 * P;
-      weights.terms = shared_b ? SkewTerms{0, nullptr, nullptr, 2, 1, P} : SkewTerms{0, nullptr, nullptr, 1, 1, 0};
-    } else {
-      // Problem 0: grad_weight_a (terms 0 .. P - 1, or 0 .. 2P - 1 when shared); problem 1: grad_weight_b.
-      weights.problems = shared_b ? 1 : 2;
-      weights.terms = shared_b ? SkewTerms{0, nullptr, nullptr, 2 * P, 0, 1} : SkewTerms{0, nullptr, nullptr, P, P, 1};
-    }
-    weights.out = {{mutable_data<cuda_t>(grad_weight_a), grad_weight_b_data},
-                   weight_stride,
-                   {nullptr, nullptr},
-                   {0, 0},
-                   shared_b ? weights.problems : weights.problems / 2};
-    weights.pairs = args.pairs.const_data_ptr<int64_t>();
-    weights.num_pairs = P;
-    weights.rows = F;
-    weights.cols = E;
-    weights.depth = N;
-    launch(SkewGemmKind::kGradWeight, weights, device);
-  });
+      // grad_W (F x E) = sum over its terms of grad_p[k]^T (F x N) @ h[layer] (N x E). Terms are
+      // q = first + g * problem_step + t * term_step (see SkewTerms); with weight_b absent a problem
+      // takes side A's terms, then side B's.
+      SkewGemmArgs<cuda_t> weights{};
+      weights.a = grad_p_operand;
+      weights.b = {{data_or_null<cuda_t>(args.ha), data_or_null<cuda_t>(args.hb)}, {N * E, N * E}, E, true};
+      cuda_t* grad_weight_b_data = shared_b ? nullptr : mutable_data<cuda_t>(grad_weight_b);
+      if (shape.per_pair) {
+        // Problem g: grad_weight_a[g] (terms g, and P + g when shared), or grad_weight_b[g - P].
+        weights.problems = shared_b ? P : 2 * P;
+        weights.terms = shared_b ? SkewTerms{0, nullptr, nullptr, 2, 1, P} : SkewTerms{0, nullptr, nullptr, 1, 1, 0};
+      } else {
+        // Problem 0: grad_weight_a (terms 0 .. P - 1, or 0 .. 2P - 1 when shared); problem 1: grad_weight_b.
+        weights.problems = shared_b ? 1 : 2;
+        weights.terms = shared_b ? SkewTerms{0, nullptr, nullptr, 2 * P, 0, 1} : SkewTerms{0, nullptr, nullptr, P, P, 1};
+      }
+      weights.out = {{mutable_data<cuda_t>(grad_weight_a), grad_weight_b_data},
+                     weight_stride,
+                     {nullptr, nullptr},
+                     {0, 0},
+                     shared_b ? weights.problems : weights.problems / 2};
+      weights.pairs = pairs_device.const_data_ptr<int64_t>();
+      weights.num_pairs = P;
+      weights.rows = F;
+      weights.cols = E;
+      weights.depth = N;
+      if (!weights_done) launch(SkewGemmKind::kGradWeight, weights, device);
+    });
+  }
 
   // Column sums of grad_p over the samples (and over the pairs for a shared bias), in float32.
   if (bias_a.has_value()) {

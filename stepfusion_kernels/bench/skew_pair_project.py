@@ -3,7 +3,8 @@ block shared by both modalities, E = 768 -> F = 2304): our backends against the 
 write (per pair: index_select the layer, a linear layer; then stack), torch.compile of that loop, the
 batched "gather + linear" (ha.index_select(0, pairs[:, 0]) as one (P, N, E) copy, then one GEMM per
 modality), and on the GPU one dense GEMM of the same FLOPs (all 2P N rows at once: the ceiling a grouped
-GEMM can reach). TFLOP/s counts 2 N E F per product (x3 with the backward); peak memory shows what the
+GEMM can reach). Our backends get the pairs on the CPU, as the op's docstring advises (no device-to-host
+copy and wait per call); the baselines index with them on the device. TFLOP/s counts 2 N E F per product (x3 with the backward); peak memory shows what the
 gathered copies cost."""
 
 import torch
@@ -42,8 +43,8 @@ def dense_gemm(dense_rows, weight, bias, **_):
 
 
 def _ours(backend):
-    def project(ha, hb, pairs, weight, bias, **_):
-        return skew_pair_project(ha, hb, pairs, weight, bias, backend=backend)
+    def project(ha, hb, pairs_host, weight, bias, **_):
+        return skew_pair_project(ha, hb, pairs_host, weight, bias, backend=backend)
 
     return project
 
@@ -58,10 +59,10 @@ def _inputs(samples, in_features, out_features, num_pairs, device, dtype):
         def t(*shape, scale=1.0):
             return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_()
 
+        pairs = _pairs_for(num_pairs)
         kwargs = {"ha": t(LAYERS, samples, in_features), "hb": t(LAYERS, samples, in_features),
-                  "pairs": _pairs_for(num_pairs).to(device), "weight": t(out_features, in_features,
-                                                                         scale=in_features ** -0.5),
-                  "bias": t(out_features)}
+                  "pairs": pairs.to(device), "pairs_host": pairs,
+                  "weight": t(out_features, in_features, scale=in_features ** -0.5), "bias": t(out_features)}
         if device == "cuda":
             kwargs["dense_rows"] = t(2 * num_pairs * samples, in_features)
         return kwargs

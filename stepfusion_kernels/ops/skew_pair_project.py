@@ -12,9 +12,8 @@ from .._checks import check_tensor
 from ._library import register_kernel_ops
 
 OP = "skew_pair_project"
-# Preferred GPU backends for `auto`, fastest first: neither wins everywhere on an H100
-# (benchmarks/results/h100-2026-11-22.md); CUDA C++ is faster in fp32 and at small N, Triton in bf16 at
-# N = 4096.
+# Preferred GPU backends for `auto`, fastest first: on an H100 the CUDA backend's cuBLASLt GEMMs beat the
+# Triton kernels at every benchmarked shape and dtype (benchmarks/results/h100-2026-11-23.md).
 GPU_ORDER = ("cuda", "triton")
 ANCHORS = ("top", "bottom")
 
@@ -27,16 +26,18 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
         pb[k] = hb[j_k] @ weight_b(k).T + bias_b(k)          # (P, N, F)
 
     Shapes: ha (LA, N, E), hb (LB, N, E); pairs (P, 2) int64 with 0 <= i_k < LA, 0 <= j_k < LB (repeats
-    allowed; see `skew_pairs`); weight_a (F, E) shared by every pair, or (P, F, E) one per pair
-    (nn.Linear layout); bias_a (F,) or (P, F) to match, or None. weight_b / bias_b as for A;
-    weight_b=None means B uses weight_a and bias_a (SSFN's one fusion block serves both modalities),
-    and bias_b must then be None.
+    allowed; see `skew_pairs`), on ha's device or on the CPU (with GPU inputs, CPU pairs spare every call
+    the device-to-host copy, and wait for the GPU, that checking them and planning the GEMM need);
+    weight_a (F, E) shared by every pair, or (P, F, E) one per pair (nn.Linear layout); bias_a (F,) or
+    (P, F) to match, or None. weight_b / bias_b as for A; weight_b=None means B uses weight_a and bias_a
+    (SSFN's one fusion block serves both modalities), and bias_b must then be None.
 
     Gradients reach ha, hb and the weights and biases; a layer used by several pairs (or a weight
     shared by the pairs / the two modalities) gets the sum of their contributions, added in a fixed
     order, so the backward is bitwise reproducible. Arithmetic is fp32 (fp64 for fp64 inputs); pa
-    and pb have ha's dtype. backend: "auto", "reference", "cpu", "cuda" or "triton". Double
-    backward is not supported by the kernel backends (use backend="reference" for it).
+    and pb have ha's dtype. backend: "auto", "reference", "cpu", "cuda" (cuBLASLt pointer-array GEMMs,
+    the operands read in place) or "triton". Double backward is not supported by the kernel backends
+    (use backend="reference" for it).
     """
     _check_arguments(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b)
     backend = resolve_backend(OP, backend, ha.device, GPU_ORDER)
@@ -89,8 +90,8 @@ def _check_arguments(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b):
     check_tensor(OP, "pairs", pairs, shape=(None, 2), floating=False)
     if pairs.dtype != torch.int64:
         raise ValueError(f"{OP}: pairs must be int64, got {str(pairs.dtype).replace('torch.', '')}")
-    if pairs.device != ha.device:
-        raise RuntimeError(f"{OP}: pairs must be on {ha.device} like ha, got {pairs.device}")
+    if pairs.device != ha.device and pairs.device.type != "cpu":
+        raise RuntimeError(f"{OP}: pairs must be on {ha.device} like ha, or on the CPU, got {pairs.device}")
     num_pairs = pairs.shape[0]
     check_tensor(OP, "weight_a", weight_a, like=ha)
     if weight_a.dim() == 2:

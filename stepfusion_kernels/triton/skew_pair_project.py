@@ -248,6 +248,7 @@ def forward(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b):
     if has_bias:
         bias_a = _bias_or_zeros(bias_a, per_pair, num_pairs, out_features, ha)
         bias_b = _bias_or_zeros(bias_b, per_pair, num_pairs, out_features, ha)
+    pairs = pairs.to(ha.device)  # pairs may be given on the CPU
     _launch(FORWARD,
             lambda meta: (2 * num_pairs * triton.cdiv(samples, meta["BLOCK_N"])
                           * triton.cdiv(out_features, meta["BLOCK_F"]),),
@@ -278,7 +279,7 @@ def backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, bias_a, weight_b, bias_b
     num_pairs, out_features = pairs.shape[0], weight_a.shape[-2]
     per_pair = weight_a.dim() == 3
     shared = weight_b is None
-    ha, hb, pairs = ha.contiguous(), hb.contiguous(), pairs.contiguous()
+    ha, hb, pairs = ha.contiguous(), hb.contiguous(), pairs.to(ha.device).contiguous()
     grad_pa, grad_pb = grad_pa.contiguous(), grad_pb.contiguous()
     weight_a = weight_a.contiguous()
     weight_b = weight_a if shared else weight_b.contiguous()
