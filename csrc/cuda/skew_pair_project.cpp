@@ -1,9 +1,9 @@
 // skew_pair_project on CUDA: argument checks, allocation, dtype dispatch and the term lists around
 // the grouped GEMM. The products run on cuBLASLt's pointer-array batches (blaslt_grouped_gemm.h),
-// which read every operand in place at the speed of one dense cuBLAS GEMM; the pointers come from
-// `pairs` on the host (pairs kept on the CPU spare each call a device-to-host copy and its wait). Where cuBLASLt has no algorithm,
-// or with STEPFUSION_SKEW_BLASLT=0, the hand-written grouped GEMM of skew_pair_project_kernel.cu runs
-// instead. Either way three grouped GEMMs cover everything:
+// which read every operand in place; the pointers come from `pairs` on the host (pairs kept on the
+// CPU spare each call a device-to-host copy and its wait). Where cuBLASLt has no algorithm, or with
+// STEPFUSION_SKEW_BLASLT=0, the hand-written grouped GEMM of skew_pair_project_kernel.cu runs instead.
+// Either way three grouped GEMMs cover everything:
 //   forward        2P problems (side, pair), one term each: pa[k] / pb[k] = h[layer] @ W(k)^T + b(k)
 //   grad_ha, hb    LA + LB problems (one per layer), whose terms are the pairs using the layer,
 //                  sorted stably by layer here with torch ops (a segment reduction, no atomics)
@@ -332,7 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       } else {
         // Problem 0: grad_weight_a (terms 0 .. P - 1, or 0 .. 2P - 1 when shared); problem 1: grad_weight_b.
         weights.problems = shared_b ? 1 : 2;
-        weights.terms = shared_b ? SkewTerms{0, nullptr, nullptr, 2 * P, 0, 1} : SkewTerms{0, nullptr, nullptr, P, P, 1};
+        weights.terms =
+            shared_b ? SkewTerms{0, nullptr, nullptr, 2 * P, 0, 1} : SkewTerms{0, nullptr, nullptr, P, P, 1};
       }
       weights.out = {{mutable_data<cuda_t>(grad_weight_a), grad_weight_b_data},
                      weight_stride,

@@ -4,8 +4,8 @@ write (per pair: index_select the layer, a linear layer; then stack), torch.comp
 batched "gather + linear" (ha.index_select(0, pairs[:, 0]) as one (P, N, E) copy, then one GEMM per
 modality), and on the GPU one dense GEMM of the same FLOPs (all 2P N rows at once: the ceiling a grouped
 GEMM can reach). Our backends get the pairs on the CPU, as the op's docstring advises (no device-to-host
-copy and wait per call); the baselines index with them on the device. TFLOP/s counts 2 N E F per product (x3 with the backward); peak memory shows what the
-gathered copies cost."""
+copy and wait per call); the baselines index with them on the device. TFLOP/s counts 2 N E F per
+product (x3 with the backward); peak memory shows what the gathered copies cost."""
 
 import torch
 import torch.nn.functional as F
