@@ -34,6 +34,8 @@ def _add_common(parser):
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="evaluate an exponential moving average of the weights with this decay (0: off)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="backend of the fusion ops")
     parser.add_argument("--out", default=None, help="output directory (default: runs/TASK)")
@@ -83,7 +85,7 @@ def main(argv=None):
     module = TASKS[args.task]
     setup = module.build(args, {flag: getattr(args, flag) for flag in MODEL_FLAGS})
     options = TrainingOptions(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                              weight_decay=args.weight_decay, device=args.device,
+                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, device=args.device,
                               out=args.out or f"runs/{args.task}", seed=args.seed, progress=not args.no_progress)
     train(setup, options)
     return 0

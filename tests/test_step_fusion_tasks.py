@@ -255,6 +255,31 @@ def _synthetic_setup(seed):
                      higher_is_better=True)
 
 
+def test_ema_checkpoint_is_the_moving_average_of_the_trained_weights(tmp_path):
+    setup = _synthetic_setup(seed=0)
+    setup.validation = torch.utils.data.TensorDataset(*(t[:0] for t in setup.train.tensors))  # keep the last
+    weights, loss = [], setup.loss
+
+    def recording_loss(model, batch):  # called before every optimizer step: the weights after the previous one
+        weights.append({name: value.detach().clone() for name, value in model.state_dict().items()})
+        return loss(model, batch)
+
+    setup.loss = recording_loss
+    decay = 0.6
+    result = train(setup, TrainingOptions(epochs=2, batch_size=8, out=str(tmp_path), progress=False, ema_decay=decay))
+    after_steps = weights[1:] + [result.last_state]
+    assert len(after_steps) == result.steps == 12
+    expected = after_steps[0]
+    for current in after_steps[1:]:
+        expected = {name: decay * expected[name] + (1 - decay) * current[name] for name in expected}
+    saved = torch.load(tmp_path / "best.pt")["model"]
+    for name, value in expected.items():
+        torch.testing.assert_close(saved[name], value)
+    assert any(not torch.equal(saved[name], result.last_state[name]) for name in saved)
+    with pytest.raises(ValueError, match="ema_decay"):
+        train(_synthetic_setup(seed=0), TrainingOptions(epochs=1, out=str(tmp_path), progress=False, ema_decay=1.0))
+
+
 def _ddp_worker(rank, world_size, port, out):
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

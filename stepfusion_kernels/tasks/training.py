@@ -1,7 +1,8 @@
 """The training loop every task shares: AdamW with a cosine schedule, tqdm progress, validation after
 every epoch (and when the step budget runs out), the best-validation checkpoint kept on disk and
 restored for the test, metrics.json, a PNG and one printed line of test metrics. With an empty
-validation split the checkpoint is the final weights.
+validation split the checkpoint is the final weights. With `ema_decay` > 0 an exponential moving average
+of the weights (updated after every optimizer step) is what gets validated, checkpointed and tested.
 
 Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment) it trains with
 DistributedDataParallel: gloo on CPU, NCCL on CUDA, a DistributedSampler sharding each epoch, and
@@ -58,6 +59,7 @@ class TrainingOptions:
     out: str = "runs/step_fusion"
     seed: int = 0
     progress: bool = True
+    ema_decay: float = 0.0         # 0: evaluate the trained weights themselves
 
 
 @dataclasses.dataclass
@@ -124,6 +126,12 @@ def train(setup, options):
     if options.max_steps >= 0:
         total_steps = min(total_steps, options.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    if not 0.0 <= options.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {options.ema_decay}")
+    average = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(options.ema_decay), use_buffers=True)
+        if options.ema_decay > 0 else None)
+    evaluated = model if average is None else average.module  # the weights validated, kept and tested
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _cosine_schedule(step, total_steps, options.warmup_steps))
     os.makedirs(options.out, exist_ok=True)
@@ -136,7 +144,7 @@ def train(setup, options):
         if len(setup.validation) == 0:  # nothing to choose by: the latest weights are the checkpoint
             metrics, improved = {}, True
         else:
-            metrics = setup.evaluate(*predict_split(setup, model, setup.validation, options, device))
+            metrics = setup.evaluate(*predict_split(setup, evaluated, setup.validation, options, device))
             value = metrics[setup.selection]
             # Ties go to the later, longer-trained weights (accuracy on a small validation split plateaus).
             improved = best_value is None or (value >= best_value if setup.higher_is_better else value <= best_value)
@@ -144,7 +152,7 @@ def train(setup, options):
         if improved:
             best_value, best_step, best_validation = metrics.get(setup.selection), step, metrics
             if rank == 0:
-                torch.save({"model": model.state_dict(), "config": _plain(getattr(model, "config", None)),
+                torch.save({"model": evaluated.state_dict(), "config": _plain(getattr(model, "config", None)),
                             "step": step, "validation": metrics, "task": setup.name}, checkpoint_path)
         return metrics
 
@@ -162,6 +170,8 @@ def train(setup, options):
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update_parameters(model)
             step += 1
             running_loss = loss.item() if math.isnan(running_loss) else 0.95 * running_loss + 0.05 * loss.item()
             bar.set_postfix(loss=f"{running_loss:.4f}", step=step)
