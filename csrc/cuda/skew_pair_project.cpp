@@ -282,10 +282,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       blaslt && grad_features_blaslt(args, shape, pairs_host, grad_pa, grad_pb, grad_ha, grad_hb);
   const bool weights_done =
       blaslt && grad_weights_blaslt(args, shape, pairs_host, grad_pa, grad_pb, shared_b, grad_weight_a, grad_weight_b);
-  const int64_t weight_stride = shape.per_pair ? F * E : 0;
-  const SkewPairDevice device = current_device();
   if (!features_done || !weights_done) {
     const at::Tensor pairs_device = args.pairs.to(args.ha.device());  // the kernel reads the pairs on the GPU
+    const int64_t weight_stride = shape.per_pair ? F * E : 0;
+    const SkewPairDevice device = current_device();
     // Segments of grad_h: term q = side * P + k is keyed by its layer in the stacked [ha; hb] layers
     // (pairs[k][0], or LA + pairs[k][1]); a stable sort keeps each layer's terms in ascending q, and
     // layer l's terms are entries[offsets[l] .. offsets[l + 1]) (empty for a layer no pair uses).
