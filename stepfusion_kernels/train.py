@@ -3,6 +3,7 @@
     stepfusion-train ett --horizon 96 --out runs/ett_h96
     stepfusion-train ecg5000 --out runs/ecg5000
     stepfusion-train mitdb --data /path/to/mitdb --out runs/mitdb
+    stepfusion-train ecg5000 --members 5 --out runs/ecg5000_x5   # 5 seeds, their mean probabilities tested
     torchrun --nproc_per_node=2 -m stepfusion_kernels.train ett --max-steps 100   # DistributedDataParallel
     stepfusion-train metafusion-alzheimer --repeats 5 --out runs/metafusion-alzheimer   # Meta Fusion
     stepfusion-train ssfn-digits --sweep --out runs/ssfn-digits                          # SSFN skew sweep
@@ -13,6 +14,8 @@
 Each task sets its own defaults for the model and training options; the flags override them."""
 
 import argparse
+import dataclasses
+import os
 import sys
 
 import torch
@@ -20,7 +23,7 @@ import torch
 from ._backend import BACKENDS
 from .tasks import TASKS
 from .tasks import meta_fusion, ssfn
-from .tasks.training import TrainingOptions, train
+from .tasks.training import TrainingOptions, evaluate_ensemble, train
 
 # Flag -> StepFusionConfig field, for the model options every task shares.
 MODEL_FLAGS = ("dim", "heads", "layers_a", "layers_b", "steps", "window", "global_tokens", "dropout",
@@ -40,6 +43,10 @@ def _add_common(parser):
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="backend of the fusion ops")
     parser.add_argument("--out", default=None, help="output directory (default: runs/TASK)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--members", type=int, default=1,
+                        help="train K models with seeds SEED..SEED+K-1 (each in OUT/member-k; the data split "
+                             "keeps SEED) and test the mean of their predictions (class probabilities or "
+                             "forecasts)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     model = parser.add_argument_group("model (StepFusionConfig)")
@@ -81,14 +88,32 @@ def main(argv=None):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    module = TASKS[args.task]
-    setup = module.build(args, {flag: getattr(args, flag) for flag in MODEL_FLAGS})
-    options = TrainingOptions(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, device=args.device,
-                              out=args.out or f"runs/{args.task}", seed=args.seed, progress=not args.no_progress)
-    train(setup, options)
+    if args.members < 1:
+        raise ValueError(f"--members must be >= 1, got {args.members}")
+    out = args.out or f"runs/{args.task}"
+    if args.members == 1:
+        _train_member(args, args.seed, out)
+        return 0
+    seeds, results = range(args.seed, args.seed + args.members), []
+    for k, seed in enumerate(seeds):
+        setup, options, result = _train_member(args, seed, os.path.join(out, f"member-{k}"))
+        results.append(result)
+    options = dataclasses.replace(options, out=out, seed=args.seed)
+    evaluate_ensemble(setup, results, out, {"seeds": list(seeds), "options": dataclasses.asdict(options),
+                                            "setup": setup.description,
+                                            "config": dataclasses.asdict(setup.model.config)})
     return 0
+
+
+def _train_member(args, seed, out):
+    """(setup, options, result) of one model trained with `seed` (initial weights, batch order,
+    augmentation) on the data split of `args.seed`."""
+    torch.manual_seed(seed)
+    setup = TASKS[args.task].build(args, {flag: getattr(args, flag) for flag in MODEL_FLAGS})
+    options = TrainingOptions(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, device=args.device, out=out,
+                              seed=seed, progress=not args.no_progress)
+    return setup, options, train(setup, options)
 
 
 if __name__ == "__main__":

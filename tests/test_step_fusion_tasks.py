@@ -15,7 +15,7 @@ from stepfusion_kernels import train as cli
 from stepfusion_kernels.data import data_root
 from stepfusion_kernels.models import StepFusionConfig, StepFusionNet
 from stepfusion_kernels.tasks import common, ecg5000, ett, metrics, mitdb
-from stepfusion_kernels.tasks.training import TaskSetup, TrainingOptions, train
+from stepfusion_kernels.tasks.training import TaskSetup, TrainingOptions, TrainingResult, evaluate_ensemble, train
 
 DATA = data_root()
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"shared data directory {DATA} is absent")
@@ -335,6 +335,53 @@ def test_cli_ecg5000_without_validation_keeps_the_final_weights(tmp_path):
     for fraction in ("-0.1", "1"):
         with pytest.raises(ValueError, match="validation-fraction"):
             cli.main(["ecg5000", "--out", str(tmp_path), *TINY_MODEL, "--validation-fraction", fraction])
+
+
+def test_ensemble_tests_the_mean_of_the_members_probabilities(tmp_path, capsys):
+    labels = np.array([0, 1, 1, 0])
+    # Each member gets one beat wrong; their mean gets all four right (ties can't occur).
+    first = np.array([[0.9, 0.1], [0.4, 0.6], [0.55, 0.45], [0.8, 0.2]])
+    second = np.array([[0.3, 0.7], [0.2, 0.8], [0.1, 0.9], [0.7, 0.3]])
+    members = [TrainingResult({}, {}, 0, 0, {}, probabilities, labels) for probabilities in (first, second)]
+    assert [common.classification_metrics(2)(m.test_prediction, labels)["accuracy"] for m in members] == [0.75, 0.75]
+    setup = _synthetic_setup(seed=0)
+    assert evaluate_ensemble(setup, members, str(tmp_path), {"seeds": [0, 1]})["accuracy"] == 1.0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["test"]["accuracy"] == 1.0 and report["seeds"] == [0, 1] and len(report["members"]) == 2
+    assert capsys.readouterr().out.strip().endswith("(mean of 2 members)")
+    members[1].test_target = 1 - labels
+    with pytest.raises(ValueError, match="different test splits"):
+        evaluate_ensemble(setup, members, str(tmp_path), {})
+
+
+@needs_data
+def test_cli_members_train_seeded_models_and_test_their_mean(tmp_path, capsys):
+    budget = ["--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--seed", "3"]
+    cli.main(["ecg5000", "--out", str(tmp_path / "ensemble"), *TINY_MODEL, *budget, "--members", "2"])
+    report = json.loads((tmp_path / "ensemble" / "metrics.json").read_text())
+    assert (tmp_path / "ensemble" / "ecg5000.png").stat().st_size > 0
+    assert report["seeds"] == [3, 4] and [m["steps"] for m in report["members"]] == [2, 2]
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("(mean of 2 members)")
+    # Member 0 is the single run with the same seed, weights and all.
+    single = _run_cli("ecg5000", tmp_path / "single", *budget)
+    assert single["test"] == report["members"][0]["test"]
+    saved = [torch.load(tmp_path / "ensemble" / f"member-{k}" / "best.pt") for k in range(2)]
+    for name, value in torch.load(tmp_path / "single" / "best.pt")["model"].items():
+        assert torch.equal(saved[0]["model"][name], value), name
+    # The ensemble's accuracy, recomputed from the members' checkpoints.
+    args = cli.parser().parse_args(["ecg5000", *TINY_MODEL, *budget])
+    beats, frames, labels = ecg5000.build(args, {flag: getattr(args, flag) for flag in cli.MODEL_FLAGS}).test.tensors
+    probabilities = 0
+    for checkpoint in saved:
+        model = StepFusionNet(StepFusionConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+        with torch.no_grad():
+            probabilities = probabilities + model.eval()(beats, frames).double().softmax(dim=-1)
+    accuracy = (probabilities.argmax(dim=-1) == labels).double().mean().item()
+    assert report["test"]["accuracy"] == pytest.approx(accuracy, abs=1.5 / len(labels))  # a near-tie may flip
+    assert report["members"][0]["test"]["accuracy"] != report["members"][1]["test"]["accuracy"]
+    with pytest.raises(ValueError, match="--members"):
+        cli.main(["ecg5000", "--out", str(tmp_path), *TINY_MODEL, "--members", "0"])
 
 
 @needs_data

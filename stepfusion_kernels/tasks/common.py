@@ -59,12 +59,20 @@ classification_loss = classification_loss_with()
 
 
 def classification_predict(model, batch):
+    """(class probabilities, labels): probabilities rather than classes, so that an ensemble can average them."""
     a, b, labels = batch
-    return model(a, b).argmax(dim=-1), labels
+    return model(a, b).softmax(dim=-1), labels
+
+
+def predicted_classes(predicted):
+    """The classes of (N, C) class probabilities; (N,) classes as they are."""
+    predicted = np.asarray(predicted)
+    return predicted.argmax(axis=-1) if predicted.ndim == 2 else predicted
 
 
 def classification_metrics(num_classes):
     def evaluate(predicted, labels):
+        predicted = predicted_classes(predicted)
         return {"accuracy": metrics.accuracy(labels, predicted),
                 "macro_f1": metrics.macro_f1(labels, predicted, num_classes)}
     return evaluate
@@ -72,6 +80,7 @@ def classification_metrics(num_classes):
 
 def confusion_plot(class_names, title):
     def plot(path, predicted, labels):
+        predicted = predicted_classes(predicted)
         matrix = metrics.confusion_matrix(labels, predicted, len(class_names))
         figure, axes = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
         axes.imshow(matrix, cmap="Blues")

@@ -3,6 +3,7 @@ every epoch (and when the step budget runs out), the best-validation checkpoint 
 restored for the test, metrics.json, a PNG and one printed line of test metrics. With an empty
 validation split the checkpoint is the final weights. With `ema_decay` > 0 an exponential moving average
 of the weights (updated after every optimizer step) is what gets validated, checkpointed and tested.
+`evaluate_ensemble` tests the mean prediction of several trained models.
 
 Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment) it trains with
 DistributedDataParallel: gloo on CPU, NCCL on CUDA, a DistributedSampler sharding each epoch, and
@@ -69,6 +70,8 @@ class TrainingResult:
     best_step: int
     steps: int
     last_state: dict  # weights at the end of training, before the best checkpoint was restored
+    test_prediction: np.ndarray  # the checkpoint's predictions on the test split (what `evaluate` took)
+    test_target: np.ndarray
 
 
 def distributed_context(device):
@@ -200,7 +203,30 @@ def train(setup, options):
         with open(os.path.join(options.out, METRICS), "w") as handle:
             json.dump(report, handle, indent=2)
         print(f"{setup.name} test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()), flush=True)
-    return TrainingResult(best_validation, test, best_step, step, last_state)
+    return TrainingResult(best_validation, test, best_step, step, last_state, prediction, target)
+
+
+def evaluate_ensemble(setup, members, out, report):
+    """Test the mean of the members' test predictions (class probabilities or forecasts) of `members`,
+    TrainingResults of the same task on the same test split: write the PNG, and metrics.json holding
+    `report` with the ensemble's and every member's metrics added, print the metrics on one line (rank 0
+    only) and return them."""
+    target = members[0].test_target
+    if any(not np.array_equal(member.test_target, target) for member in members):
+        raise ValueError("ensemble members were tested on different test splits")
+    prediction = np.mean([member.test_prediction for member in members], axis=0)
+    test = setup.evaluate(prediction, target)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(out, exist_ok=True)
+        setup.plot(os.path.join(out, f"{setup.name}.png"), prediction, target)
+        report = {"task": setup.name, "test": test, **report,
+                  "members": [{"test": member.test, "validation": member.validation, "best_step": member.best_step,
+                               "steps": member.steps} for member in members]}
+        with open(os.path.join(out, METRICS), "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"{setup.name} test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items())
+              + f" (mean of {len(members)} members)", flush=True)
+    return test
 
 
 def _plain(config):
