@@ -46,6 +46,10 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
     # A data-dependent check: skipped while torch.compile traces (the kernels check the range
     # themselves at run time, raising RuntimeError).
     if not torch.compiler.is_compiling():
+        if backend == "cuda" and pairs.device.type != "cpu":
+            # The C++ op plans its GEMMs from pairs on the host: one copy here serves the check, the
+            # forward and the backward, instead of a copy and a wait in each.
+            pairs = pairs.cpu()
         _check_pair_range(pairs, ha.shape[0], hb.shape[0], ValueError)
     args = (ha, hb, pairs, weight_a, bias_a, weight_b, bias_b)
     if backend == "reference":
