@@ -28,7 +28,8 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
 
     Shapes: ha (LA, N, E), hb (LB, N, E); pairs (P, 2) int64 with 0 <= i_k < LA, 0 <= j_k < LB (repeats
     allowed; see `skew_pairs`), on ha's device or on the CPU (with GPU inputs, CPU pairs spare every call
-    the device-to-host copy, and wait for the GPU, that checking them and planning the GEMM need);
+    the device-to-host copy, and wait for the GPU, that checking them and planning the GEMMs need; GPU
+    pairs cost the CUDA backend one such copy per call);
     weight_a (F, E) shared by every pair, or (P, F, E) one per pair (nn.Linear layout); bias_a (F,) or
     (P, F) to match, or None. weight_b / bias_b as for A; weight_b=None means B uses weight_a and bias_a
     (SSFN's one fusion block serves both modalities), and bias_b must then be None.
