@@ -202,7 +202,7 @@ def train(setup, options):
                   "config": _plain(getattr(model, "config", None)), "history": history}
         with open(os.path.join(options.out, METRICS), "w") as handle:
             json.dump(report, handle, indent=2)
-        print(f"{setup.name} test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items()), flush=True)
+        print(_test_line(setup.name, test), flush=True)
     return TrainingResult(best_validation, test, best_step, step, last_state, prediction, target)
 
 
@@ -224,9 +224,13 @@ def evaluate_ensemble(setup, members, out, report):
                                "steps": member.steps} for member in members]}
         with open(os.path.join(out, METRICS), "w") as handle:
             json.dump(report, handle, indent=2)
-        print(f"{setup.name} test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items())
-              + f" (mean of {len(members)} members)", flush=True)
+        print(_test_line(setup.name, test) + f" (mean of {len(members)} members)", flush=True)
     return test
+
+
+def _test_line(name, test):
+    """The one line of test metrics a run ends with."""
+    return f"{name} test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items())
 
 
 def _plain(config):
