@@ -49,6 +49,12 @@ CASES = [
     make_case(5, 4, 17, 33, 9, separate_b=True, noncontiguous=("ha", "hb", "weight_a", "bias_b")),
     make_case(5, 4, 17, 33, 9, per_pair=True, noncontiguous=("ha", "weight_a", "bias_a")),
     make_case(2, 3, 130, 20, 12, pairs=((1, 2), (1, 0), (0, 2))),  # more rows than one CPU task block
+    # Sides whose layers step evenly: up and down, per-pair weights and biases; a repeated layer (step 0)
+    # beside an uneven side; steps of 2 and 1 with A's bias only; per-pair biases of an odd F.
+    make_case(6, 6, 17, 33, 16, pairs=((1, 5), (2, 4), (3, 3)), per_pair=True),
+    make_case(4, 4, 17, 33, 16, pairs=((2, 0), (2, 3), (2, 1)), separate_b=True),
+    make_case(5, 3, 17, 33, 16, pairs=((0, 0), (2, 1), (4, 2)), separate_b=True, bias_b=False),
+    make_case(3, 3, 17, 33, 9, pairs=((0, 2), (1, 1)), per_pair=True),
 ]
 
 
