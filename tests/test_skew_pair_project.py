@@ -328,6 +328,21 @@ def test_bad_input_names_the_argument(change, error, name):
         sk.skew_pair_project(**kwargs, backend="auto")
 
 
+@pytest.mark.parametrize("num_pairs", [1, 256, 257, 1000])
+@pytest.mark.parametrize(("position", "column", "value"), [(0, 0, 4), (-1, 1, 3), (-1, 0, -1)])
+def test_pair_range_check_finds_the_one_bad_pair(num_pairs, position, column, value):
+    # Up to 256 pairs are checked as Python ints, more by tensor reductions: one bad entry, first or last,
+    # must be found either way, and the same pairs without it must pass.
+    pairs = torch.stack([torch.arange(num_pairs) % 4, torch.arange(num_pairs) % 3], dim=1)
+    kwargs = {**_good(), "pairs": pairs}
+    pa, _ = sk.skew_pair_project(**kwargs, backend="reference")
+    assert pa.shape == (num_pairs, 3, 6)
+    pairs = pairs.clone()
+    pairs[position, column] = value
+    with pytest.raises(ValueError, match=rf"pairs\[:, {column}\] must lie in .* got values in .*{value}"):
+        sk.skew_pair_project(**{**kwargs, "pairs": pairs}, backend="reference")
+
+
 def test_backend_selection_errors():
     check_backend_selection_errors(sk.skew_pair_project, _good)
 
