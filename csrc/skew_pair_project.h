@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace stepfusion {
 
 struct SkewPairProjectShape {
@@ -86,9 +88,23 @@ inline SkewPairProjectShape check_skew_pair_project(const at::Tensor& ha, const 
                 "skew_pair_project: bias_b must be None when weight_b is None (B then shares weight_a and bias_a)");
   }
   if (shape.pairs > 0) {
-    // Column-wise minimum and maximum of the indices: (i_min, j_min) and (i_max, j_max).
-    const at::Tensor bounds = at::stack({std::get<0>(pairs.min(0)), std::get<0>(pairs.max(0))}).cpu();
-    const int64_t* b = bounds.data_ptr<int64_t>();
+    // Column-wise minimum and maximum of the indices: (i_min, j_min) and (i_max, j_max). Pairs on the
+    // host are read in a loop (tensor reductions would cost tens of microseconds of host time per call).
+    int64_t b[4];
+    if (pairs.is_cpu()) {
+      const auto index = pairs.accessor<int64_t, 2>();
+      b[0] = b[2] = index[0][0];
+      b[1] = b[3] = index[0][1];
+      for (int64_t k = 1; k < shape.pairs; ++k) {
+        for (int column = 0; column < 2; ++column) {
+          b[column] = std::min(b[column], index[k][column]);
+          b[2 + column] = std::max(b[2 + column], index[k][column]);
+        }
+      }
+    } else {
+      const at::Tensor bounds = at::stack({std::get<0>(pairs.min(0)), std::get<0>(pairs.max(0))}).cpu();
+      std::copy_n(bounds.const_data_ptr<int64_t>(), 4, b);
+    }
     TORCH_CHECK(b[0] >= 0 && b[2] < shape.layers_a, "skew_pair_project: pairs[:, 0] must lie in [0, LA = ",
                 shape.layers_a, "), got values in [", b[0], ", ", b[2], "]");
     TORCH_CHECK(b[1] >= 0 && b[3] < shape.layers_b, "skew_pair_project: pairs[:, 1] must lie in [0, LB = ",

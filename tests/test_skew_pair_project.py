@@ -348,14 +348,19 @@ def test_backend_selection_errors():
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
-@pytest.mark.parametrize(("pairs", "match"), [([[4, 0]], r"pairs\[:, 0\]"), ([[0, -1]], r"pairs\[:, 1\]")],
-                         ids=["past-LA", "negative"])
+@pytest.mark.parametrize(("pairs", "match"), [
+    (torch.tensor([[4, 0]]), r"pairs\[:, 0\] must lie in \[0, LA = 4\), got values in \[4, 4\]"),
+    (torch.tensor([[0, -1]]), r"pairs\[:, 1\] must lie in \[0, LB = 3\), got values in \[-1, -1\]"),
+    (torch.tensor([[1, 1], [0, 2], [3, 0], [4, 1]]), r"pairs\[:, 0\] .* got values in \[0, 4\]"),
+    (torch.tensor([[1, 2], [0, -2], [3, 0]]), r"pairs\[:, 1\] .* got values in \[-2, 2\]"),
+    (torch.tensor([[1, 7, 2], [0, 7, 3]])[:, ::2], r"pairs\[:, 1\] .* got values in \[2, 3\]"),
+], ids=["past-LA", "negative", "past-LA-last-of-4", "negative-in-the-middle", "non-contiguous"])
 def test_cpp_op_checks_the_pair_range_itself(pairs, match):
     good = _good()
-    args = (good["ha"], good["hb"], torch.tensor(pairs), good["weight_a"], None, None, None)
+    args = (good["ha"], good["hb"], pairs, good["weight_a"], None, None, None)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.stepfusion.skew_pair_project(*args)
-    grads = (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6))
+    grads = (torch.zeros(pairs.shape[0], 3, 6), torch.zeros(pairs.shape[0], 3, 6))
     with pytest.raises(RuntimeError, match=match):
         torch.ops.stepfusion.skew_pair_project_backward(*grads, *args)
 
