@@ -5,7 +5,8 @@
 # Each stage has a time limit (seconds) so that one call of a leased machine always returns its logs:
 #   BUILD_S (300), GPU_TESTS_S (300: the Triton skew_pair_project autotuning compiles several tiles per
 #   shape), CPU_TESTS_S (0: skipped; the CPU tests run in CI), BENCH_S (150)
-#   BENCH_OPS   the ops to benchmark (default: all)
+#   BENCH_OPS   the ops to benchmark (default: all); skew_pair_project runs a second time with
+#               STEPFUSION_SKEW_TRITON_TMA=1 (its Triton TMA kernels), into $OUT/triton-tma
 #   TESTS       the test files or ids of the GPU stage (default: tests)
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
@@ -56,5 +57,11 @@ if [ "${BENCH_S:-150}" -gt 0 ]; then
   # shellcheck disable=SC2086
   timeout "${BENCH_S:-150}" stepfusion-bench --out "$OUT" ${BENCH_OPS:+--ops $BENCH_OPS} > "$OUT/bench.log" 2>&1 || status=1
   tail -n 60 "$OUT/bench.log"
+  if [[ -z "${BENCH_OPS:-}" || "$BENCH_OPS" == *skew_pair_project* ]]; then
+    echo "== skew_pair_project again, the Triton backend with its TMA kernels"
+    STEPFUSION_SKEW_TRITON_TMA=1 timeout "${BENCH_S:-150}" stepfusion-bench --out "$OUT/triton-tma" \
+      --ops skew_pair_project > "$OUT/bench-triton-tma.log" 2>&1 || status=1
+    tail -n 40 "$OUT/bench-triton-tma.log"
+  fi
 fi
 exit $status

@@ -94,6 +94,76 @@ def test_cuda_inputs_take_pairs_on_the_cpu(backend, per_pair):
         torch.testing.assert_close(ours[name].grad.double().cpu(), reference[name].grad, rtol=1e-4, atol=1e-3)
 
 
+# The Triton backend's TMA kernels (STEPFUSION_SKEW_TRITON_TMA=1) take rows of a multiple of 16 bytes in
+# every dtype: E and F multiples of 8. N stays ragged against every tile.
+TMA_CASES = [
+    make_case(5, 4, 17, 32, 24),
+    make_case(5, 4, 17, 32, 24, bias_a=False),
+    make_case(5, 4, 17, 32, 24, separate_b=True, bias_b=False),
+    make_case(5, 4, 17, 32, 24, per_pair=True),
+    make_case(5, 4, 17, 32, 24, per_pair=True, separate_b=True, bias_a=False),
+    make_case(3, 3, 1, 8, 72, pairs=((2, 2),)),
+    make_case(12, 12, 33, 40, 16, pairs=tuple(map(tuple, sk.skew_pairs(-7, 5, 12, 12).tolist())),
+              name="SSFN-L12-skew-7-n5-tma"),
+    make_case(5, 4, 17, 32, 24, separate_b=True, noncontiguous=("ha", "hb", "weight_a", "bias_b")),
+]
+# On a GPU the TMA kernels take fp16 and bf16 (fp32 keeps the pointer kernels' full-precision dots).
+TMA_PARAMS = [p for p in backend_dtype_params()
+              if p.values[0] == "triton" and (p.values[1] == "cpu" or p.values[2] != torch.float32)]
+
+
+@pytest.fixture
+def triton_tma(monkeypatch):
+    """The Triton backend with its TMA kernels asked for, and its pointer kernels made to fail if they run."""
+    from stepfusion_kernels.triton import skew_pair_project as kernels
+
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernels need compute capability 9 or newer")
+    monkeypatch.setenv(kernels.TMA_SETTING, "1")
+
+    def pointer_launch(*args, **kwargs):
+        raise AssertionError("a pointer kernel ran where the TMA kernels should have")
+
+    monkeypatch.setattr(kernels, "_launch", pointer_launch)
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=str)
+@pytest.mark.parametrize(("backend", "device", "dtype"), TMA_PARAMS)
+def test_triton_tma_kernels_match_reference(case, backend, device, dtype, triton_tma):
+    check_against_reference(OP, case, backend, device, dtype)
+
+
+@pytest.mark.parametrize("per_pair", [False, True], ids=["shared", "perpair"])
+@pytest.mark.parametrize(("backend", "device", "dtype"), [p for p in TMA_PARAMS if p.values[2] == torch.bfloat16])
+def test_triton_tma_backward_is_bitwise_reproducible(per_pair, backend, device, dtype, triton_tma):
+    # A shared weight's d_weight adds float32 partials of split pairs: in a fixed order.
+    pairs = ((0, 1), (1, 1), (0, 1), (0, 0), (1, 1), (0, 2))
+    check_deterministic_backward(OP, make_case(2, 3, 150, 24, 16, pairs=pairs, per_pair=per_pair), backend, device,
+                                 dtype)
+
+
+@pytest.mark.skipif("triton" not in sk.backends() or HAS_CUDA, reason="checks the interpreter's choice (CPU)")
+def test_triton_tma_only_where_it_can_run(monkeypatch):
+    from stepfusion_kernels.triton import skew_pair_project as kernels
+
+    stack = torch.zeros(3, 17, 32)
+    assert not kernels.use_tma((stack,), (32, 24))  # not asked for
+    monkeypatch.setenv(kernels.TMA_SETTING, "1")
+    assert kernels.use_tma((stack,), (32, 24))
+    assert kernels.use_tma((stack.bfloat16(),), (8, 16))
+    assert not kernels.use_tma((stack,), (32, 6))                # F rows of 24 bytes
+    assert not kernels.use_tma((stack.bfloat16(),), (12, 16))   # E rows of 24 bytes
+    assert not kernels.use_tma((stack,), (32, 0))                # nothing to tile
+    assert not kernels.use_tma((stack, stack.flatten()[1:]), (32, 24))  # a tensor 4 bytes off alignment
+    # Such a call runs the pointer kernels, and still gets the reference's answer.
+    ha = torch.randn(3 * 17 * 32 + 1)[1:].view(3, 17, 32)
+    hb, weight, pairs = torch.randn(2, 17, 32), torch.randn(24, 32), torch.tensor([[2, 0], [0, 1]])
+    pa, pb = sk.skew_pair_project(ha, hb, pairs, weight, backend="triton")
+    ra, rb = python_ref.skew_pair_project(ha.double(), hb.double(), pairs, weight.double())
+    torch.testing.assert_close(pa.double(), ra, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pb.double(), rb, rtol=1e-5, atol=1e-5)
+
+
 # Wide enough rows that the CPU kernel's shared-weight path runs several row tiles (2 MiB each in fp32 and
 # fp64): tiles that start inside a pair's rows, gathered tiles, and tiles read or written in place (runs of
 # consecutive layers, e.g. the A layers in use 0..4 and the pairs k = 3..7 on A, k = 0..3 on B).
@@ -400,32 +470,47 @@ def test_large_stacks_use_64_bit_offsets():
 @pytest.mark.skipif("triton" not in sk.backends(), reason="triton is not usable here")
 def test_triton_gpu_tiles_fit_tl_dot_and_the_row_count():
     from stepfusion_kernels.triton import skew_pair_project as kernels
-    for kernel, tuned in (kernels.FORWARD, kernels.GRAD_STACK, kernels.GRAD_WEIGHT):
-        for dot_fp32 in (True, False):
-            assert tuned[dot_fp32].fn is kernel  # the interpreter tests run the body the GPU tunes
-            for config in tuned[dot_fp32].configs:
-                blocks = [size for name, size in config.kwargs.items() if name.startswith("BLOCK_")]
-                assert len(blocks) == 3
-                assert all(size >= kernels.MIN_DOT_BLOCK and size & (size - 1) == 0 for size in blocks)
+    pointer = [(kernel, tuned[dot_fp32]) for kernel, tuned in (kernels.FORWARD, kernels.GRAD_STACK,
+                                                               kernels.GRAD_WEIGHT) for dot_fp32 in (True, False)]
+    tma = [(kernel, tuned) for kernel, tuned, _ in (kernels.TMA_FORWARD, kernels.TMA_GRAD_STACK,
+                                                    kernels.TMA_GRAD_WEIGHT)]
+    for kernel, tuned in pointer + tma:
+        assert tuned.fn is kernel  # the interpreter tests run the body the GPU tunes
+        for config in tuned.configs:
+            blocks = [size for name, size in config.kwargs.items() if name.startswith("BLOCK_")]
+            assert len(blocks) == 3
+            assert all(size >= kernels.MIN_DOT_BLOCK and size & (size - 1) == 0 for size in blocks)
+    # A TMA config sets its tile on every descriptor before the launch: [1, rows, columns] of its blocks.
+    _, tuned, set_blocks = kernels.TMA_FORWARD
+    assert all(config.pre_hook is set_blocks for config in tuned.configs)
+    names = ("ha_desc", "hb_desc", "weight_a_desc", "weight_b_desc", "pa_desc", "pb_desc")
+    nargs = {name: kernels._descriptor(torch.zeros(2, 64, 64)) for name in names}
+    set_blocks({**nargs, "BLOCK_N": 128, "BLOCK_F": 256, "BLOCK_E": 64})
+    assert [nargs[name].block_shape for name in names] == [[1, 128, 64]] * 2 + [[1, 256, 64]] * 2 + [[1, 128, 256]] * 2
     prune = kernels.keep_fitting_tiles("BLOCK_N", "samples")
     configs = kernels.tile_configs(kernels.TENSOR_CORE_TILES, "BLOCK_N", "BLOCK_F", "BLOCK_E")
     # 17 rows: tiles of at most 2 * 32 rows stay; 4096 rows: every tile; 1 row: tiles of at most 32 rows.
     assert {c.kwargs["BLOCK_N"] for c in prune(configs, {"samples": 17})} == {16, 32, 64}
     assert prune(configs, {"samples": 4096}) == configs
     assert {c.kwargs["BLOCK_N"] for c in prune(configs, {"samples": 1})} == {16, 32}
+    assert prune(configs, {}, samples=17) == prune(configs, {"samples": 17})  # the TMA kernels' keyword launch
     tall = kernels.tile_configs(((128, 64, 64, 4, 3), (256, 64, 64, 8, 3)), "BLOCK_N", "BLOCK_F", "BLOCK_E")
     assert [c.kwargs["BLOCK_N"] for c in prune(tall, {"samples": 1})] == [128]  # none fits: the shortest stays
 
 
 @NEEDS_GPU
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_autotuned_tiles_on_a_medium_shape(dtype):
-    # Large enough for every tile the autotuner tries, with ragged edges in N, E and F.
+@pytest.mark.parametrize(("dtype", "tma"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["float32", "bfloat16", "bfloat16-tma"])
+def test_triton_autotuned_tiles_on_a_medium_shape(dtype, tma, request):
+    # Large enough for every tile the autotuner tries, with ragged edges in N, E and F (E and F multiples
+    # of 8, so that the TMA kernels take them when asked).
+    if tma:
+        request.getfixturevalue("triton_tma")
     generator = torch.Generator(device="cuda").manual_seed(0)
     ha = torch.randn(4, 300, 200, device="cuda", generator=generator).to(dtype)
     hb = torch.randn(3, 300, 200, device="cuda", generator=generator).to(dtype)
-    weight = (torch.randn(330, 200, device="cuda", generator=generator) / 16).to(dtype)
-    bias = torch.randn(330, device="cuda", generator=generator).to(dtype)
+    weight = (torch.randn(328, 200, device="cuda", generator=generator) / 16).to(dtype)
+    bias = torch.randn(328, device="cuda", generator=generator).to(dtype)
     pairs = torch.tensor([[3, 0], [1, 2], [3, 1]], device="cuda")
     args = [t.detach().requires_grad_() for t in (ha, hb, weight, bias)]
     pa, pb = sk.skew_pair_project(args[0], args[1], pairs, args[2], args[3], backend="triton")

@@ -14,11 +14,24 @@ Tiles: on a GPU every kernel is autotuned over (rows, columns, reduction) tiles,
 stages, keyed on (N, E, F) and the dtype: large tensor-core tiles for fp16/bf16, smaller ones for fp32
 (which keeps full-precision dots). The interpreter runs one tile sized to the problem. Every kernel
 writes each output element exactly once, so the autotuner's repeated launches leave no trace.
+
+TMA kernels (Hopper, fp16/bf16; opt-in with STEPFUSION_SKEW_TRITON_TMA=1 until measured in this form on
+a GPU): the same three products with every tile moved by tensor-memory-accelerator descriptors made on
+the host over the 3-D stacks (L, N, E), outputs (P, N, F) and weights (P or 1, F, E), so a tile that
+runs past its layer's N rows is clipped by the hardware instead of masked. The forward is persistent
+(one program per SM walks the tiles); d_weight splits a shared weight's pairs over TMA_SPLITS programs per
+tile into float32 partials added in order. They need 16-byte rows (E and F multiples of 8 in 16-bit
+types) and 16-byte-aligned tensors; other calls take the pointer kernels. An experiment with the same
+design (scripts/skew_triton_tma.py) reached 525 TFLOP/s forward and 475 for d_h on an H100, against
+318-356 and 263 (d_h and d_weight) for the pointer kernels (benchmarks/results/h100-2026-11-23.md).
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._backend import triton_interpreted
 
@@ -48,8 +61,9 @@ def tile_configs(tiles, rows, columns, reduction):
 def keep_fitting_tiles(rows, row_count):
     """An early_config_prune: drops tiles more than twice as tall as the next power of two of the row
     count (argument `row_count`), which would mostly compute masked rows; the shortest tile always stays."""
-    def prune(configs, named_args, **kwargs):
-        limit = 2 * max(MIN_DOT_BLOCK, triton.next_power_of_2(max(int(named_args[row_count]), 1)))
+    def prune(configs, named_args, **kwargs):  # the autotuner names positional arguments only in named_args
+        count = {**named_args, **kwargs}[row_count]
+        limit = 2 * max(MIN_DOT_BLOCK, triton.next_power_of_2(max(int(count), 1)))
         fitting = [c for c in configs if c.kwargs[rows] <= limit]
         return fitting or [min(configs, key=lambda c: c.kwargs[rows])]
     return prune
@@ -221,6 +235,207 @@ GRAD_STACK = (_grad_stack_kernel, autotuned(_grad_stack_kernel, "BLOCK_N", "BLOC
 GRAD_WEIGHT = (_grad_weight_kernel, autotuned(_grad_weight_kernel, "BLOCK_F", "BLOCK_E", "BLOCK_N", "out_features"))
 
 
+# ---- TMA kernels. Descriptors cover whole 3-D tensors: a stack (L, N, E) is read in [1, rows, columns]
+# tiles at [layer, row, column], so a tile is clipped at its own layer's last row.
+
+
+@triton.jit
+def _tma_project_tile(x_desc, w_desc, out_desc, b_ptr, layer, slot, pair, row, col, in_features, out_features,
+                      HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr):
+    """out[pair, row tile, col tile] = x[layer] @ w[slot].T (+ b[slot])."""
+    acc = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
+    for e in range(0, in_features, BLOCK_E):
+        x = x_desc.load([layer, row, e]).reshape(BLOCK_N, BLOCK_E)
+        w = w_desc.load([slot, col, e]).reshape(BLOCK_F, BLOCK_E)
+        acc = _dot(x, w.T, acc, DOT_FP32)
+    if HAS_BIAS:
+        cols = col + tl.arange(0, BLOCK_F)
+        acc += tl.load(b_ptr + slot * out_features + cols, mask=cols < out_features, other=0.0).to(tl.float32)[None, :]
+    out_desc.store([pair, row, col], acc.to(out_desc.dtype).reshape(1, BLOCK_N, BLOCK_F))
+
+
+@triton.jit
+def _tma_forward_kernel(ha_desc, hb_desc, pairs_ptr, weight_a_desc, bias_a_ptr, weight_b_desc, bias_b_ptr, pa_desc,
+                        pb_desc, num_pairs, samples, in_features, out_features,
+                        PER_PAIR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr):
+    # Persistent: program p takes tiles p, p + programs, ... of the 2P problems (2k + side) in turn.
+    row_tiles = tl.cdiv(samples, BLOCK_N)
+    tiles = row_tiles * tl.cdiv(out_features, BLOCK_F)
+    for program in tl.range(tl.program_id(0), 2 * num_pairs * tiles, tl.num_programs(0)):
+        task = program // tiles  # also the flat index of pairs[k, side]
+        tile = program % tiles
+        pair = task // 2
+        layer = tl.load(pairs_ptr + task).to(tl.int32)
+        slot = pair if PER_PAIR else 0
+        row = (tile % row_tiles) * BLOCK_N
+        col = (tile // row_tiles) * BLOCK_F
+        if task % 2 == 0:
+            _tma_project_tile(ha_desc, weight_a_desc, pa_desc, bias_a_ptr, layer, slot, pair, row, col, in_features,
+                              out_features, HAS_BIAS, DOT_FP32, BLOCK_N, BLOCK_F, BLOCK_E)
+        else:
+            _tma_project_tile(hb_desc, weight_b_desc, pb_desc, bias_b_ptr, layer, slot, pair, row, col, in_features,
+                              out_features, HAS_BIAS, DOT_FP32, BLOCK_N, BLOCK_F, BLOCK_E)
+
+
+@triton.jit
+def _tma_layer_sum(g_desc, w_desc, order_ptr, begin, end, first_pair, row, col, out_features,
+                   PER_PAIR: tl.constexpr, DOT_FP32: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Sum over the sorted entries [begin, end) of one layer of grad_p[pair] @ W(pair), one tile."""
+    acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for position in range(begin, end):
+        pair = tl.load(order_ptr + position).to(tl.int32) - first_pair
+        slot = pair if PER_PAIR else 0
+        for f in range(0, out_features, BLOCK_F):
+            g = g_desc.load([pair, row, f]).reshape(BLOCK_N, BLOCK_F)
+            w = w_desc.load([slot, f, col]).reshape(BLOCK_F, BLOCK_E)
+            acc = _dot(g, w, acc, DOT_FP32)
+    return acc
+
+
+@triton.jit
+def _tma_grad_stack_kernel(grad_pa_desc, grad_pb_desc, weight_a_desc, weight_b_desc, order_ptr, offsets_ptr,
+                           grad_ha_desc, grad_hb_desc, num_pairs, layers_a, samples, in_features, out_features,
+                           PER_PAIR: tl.constexpr, DOT_FP32: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr):
+    row_tiles = tl.cdiv(samples, BLOCK_N)
+    tiles = row_tiles * tl.cdiv(in_features, BLOCK_E)
+    slot = tl.program_id(0) // tiles  # layer of A (slot < LA) or layer slot - LA of B
+    tile = tl.program_id(0) % tiles
+    row = (tile % row_tiles) * BLOCK_N
+    col = (tile // row_tiles) * BLOCK_E
+    begin = tl.load(offsets_ptr + slot)
+    end = tl.load(offsets_ptr + slot + 1)
+    # Two branches rather than chosen descriptors: each side keeps its own descriptors.
+    if slot < layers_a:
+        acc = _tma_layer_sum(grad_pa_desc, weight_a_desc, order_ptr, begin, end, 0, row, col, out_features,
+                             PER_PAIR, DOT_FP32, BLOCK_N, BLOCK_F, BLOCK_E)
+        grad_ha_desc.store([slot, row, col], acc.to(grad_ha_desc.dtype).reshape(1, BLOCK_N, BLOCK_E))
+    else:
+        acc = _tma_layer_sum(grad_pb_desc, weight_b_desc, order_ptr, begin, end, num_pairs, row, col, out_features,
+                             PER_PAIR, DOT_FP32, BLOCK_N, BLOCK_F, BLOCK_E)
+        grad_hb_desc.store([slot - layers_a, row, col], acc.to(grad_hb_desc.dtype).reshape(1, BLOCK_N, BLOCK_E))
+
+
+@triton.jit
+def _tma_weight_terms(acc, g_desc, x_desc, pairs_ptr, column, pair, samples, f0, e0, DOT_FP32: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr):
+    """acc += grad[pair].T @ stack[pairs[pair, column]] over every row, one (F, E) tile."""
+    layer = tl.load(pairs_ptr + pair * 2 + column).to(tl.int32)
+    for n in range(0, samples, BLOCK_N):
+        g = g_desc.load([pair, n, f0]).reshape(BLOCK_N, BLOCK_F)
+        x = x_desc.load([layer, n, e0]).reshape(BLOCK_N, BLOCK_E)
+        acc = _dot(g.T, x, acc, DOT_FP32)
+    return acc
+
+
+@triton.jit
+def _tma_grad_weight_kernel(grad_first_desc, stack_first_desc, grad_second_desc, stack_second_desc, pairs_ptr,
+                            out_ptr, first_column, num_pairs, splits, samples, in_features, out_features,
+                            PER_PAIR: tl.constexpr, HAS_SECOND: tl.constexpr, DOT_FP32: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr):
+    # Program (slot, split) sums the pairs split, split + splits, ... of weight slot into out[slot * splits
+    # + split]: the gradient itself when splits = 1, else a float32 partial that the launcher adds in order.
+    part = tl.program_id(0)
+    slot = part // splits
+    split = part % splits
+    f0 = tl.program_id(1) * BLOCK_F
+    e0 = tl.program_id(2) * BLOCK_E
+    if PER_PAIR:
+        pair_begin = slot
+        pair_end = slot + 1
+    else:
+        pair_begin = 0
+        pair_end = num_pairs
+    acc = tl.zeros((BLOCK_F, BLOCK_E), dtype=tl.float32)
+    for pair in range(pair_begin + split, pair_end, splits):
+        acc = _tma_weight_terms(acc, grad_first_desc, stack_first_desc, pairs_ptr, first_column, pair, samples, f0,
+                                e0, DOT_FP32, BLOCK_N, BLOCK_F, BLOCK_E)
+        if HAS_SECOND:  # B shares A's weight: its pairs add to the same gradient, column 1 of pairs
+            acc = _tma_weight_terms(acc, grad_second_desc, stack_second_desc, pairs_ptr, 1, pair, samples, f0, e0,
+                                    DOT_FP32, BLOCK_N, BLOCK_F, BLOCK_E)
+    f = f0 + tl.arange(0, BLOCK_F)
+    e = e0 + tl.arange(0, BLOCK_E)
+    out = out_ptr + (part.to(tl.int64) * out_features + f[:, None]) * in_features + e[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(f[:, None] < out_features) & (e[None, :] < in_features))
+
+
+def descriptor_blocks(shapes):
+    """A Config pre_hook giving every descriptor argument its block shape from the config's block sizes:
+    shapes = {argument: (block name, ...)}, each descriptor a [1, rows, columns] tile of a 3-D tensor."""
+    def set_blocks(nargs):
+        for name, blocks in shapes.items():
+            nargs[name].block_shape = [1] + [nargs[block] for block in blocks]
+    return set_blocks
+
+
+def tma_autotuned(kernel, rows, columns, reduction, row_count, shapes):
+    """(kernel, launcher autotuned over the tensor-core tiles, block-shape hook) of a TMA kernel."""
+    set_blocks = descriptor_blocks(shapes)
+    configs = [triton.Config({rows: r, columns: c, reduction: k}, num_warps=warps, num_stages=stages,
+                             pre_hook=set_blocks) for r, c, k, warps, stages in TENSOR_CORE_TILES]
+    tuned = triton.autotune(configs=configs, key=list(TUNING_KEY),
+                            prune_configs_by={"early_config_prune": keep_fitting_tiles(rows, row_count)})(kernel)
+    return kernel, tuned, set_blocks
+
+
+def _launch_tma(kernels, grid, args, blocks, **constexprs):
+    """As _launch, for a TMA kernel whose arguments are given by name: the interpreter sets the given
+    `blocks` on the descriptors itself; on a GPU each config's pre_hook does."""
+    kernel, tuned, set_blocks = kernels
+    if triton_interpreted():
+        set_blocks({**args, **blocks})
+        kernel[grid(blocks)](**args, **constexprs, **blocks, num_warps=1)
+    else:
+        tuned[grid](**args, **constexprs)
+
+
+TMA_FORWARD = tma_autotuned(_tma_forward_kernel, "BLOCK_N", "BLOCK_F", "BLOCK_E", "samples", {
+    "ha_desc": ("BLOCK_N", "BLOCK_E"), "hb_desc": ("BLOCK_N", "BLOCK_E"), "weight_a_desc": ("BLOCK_F", "BLOCK_E"),
+    "weight_b_desc": ("BLOCK_F", "BLOCK_E"), "pa_desc": ("BLOCK_N", "BLOCK_F"), "pb_desc": ("BLOCK_N", "BLOCK_F")})
+TMA_GRAD_STACK = tma_autotuned(_tma_grad_stack_kernel, "BLOCK_N", "BLOCK_E", "BLOCK_F", "samples", {
+    "grad_pa_desc": ("BLOCK_N", "BLOCK_F"), "grad_pb_desc": ("BLOCK_N", "BLOCK_F"),
+    "weight_a_desc": ("BLOCK_F", "BLOCK_E"), "weight_b_desc": ("BLOCK_F", "BLOCK_E"),
+    "grad_ha_desc": ("BLOCK_N", "BLOCK_E"), "grad_hb_desc": ("BLOCK_N", "BLOCK_E")})
+TMA_GRAD_WEIGHT = tma_autotuned(_tma_grad_weight_kernel, "BLOCK_F", "BLOCK_E", "BLOCK_N", "out_features", {
+    "grad_first_desc": ("BLOCK_N", "BLOCK_F"), "stack_first_desc": ("BLOCK_N", "BLOCK_E"),
+    "grad_second_desc": ("BLOCK_N", "BLOCK_F"), "stack_second_desc": ("BLOCK_N", "BLOCK_E")})
+TMA_SETTING = "STEPFUSION_SKEW_TRITON_TMA"
+TMA_ALIGNMENT = 16  # bytes: TMA needs it of every tensor's start and of every stride
+TMA_SPLITS = 2      # programs per d_weight tile of a shared weight (2 filled an H100 at SSFN's shapes)
+
+
+def use_tma(tensors, widths):
+    """True when the TMA kernels are asked for (STEPFUSION_SKEW_TRITON_TMA=1) and can run: fp16/bf16 on a
+    GPU of compute capability 9 or newer (any dtype in the interpreter), nonempty rows of `widths` elements
+    that take a multiple of 16 bytes, and 16-byte-aligned `tensors`."""
+    if os.environ.get(TMA_SETTING, "0") != "1":
+        return False
+    first = tensors[0]
+    if not triton_interpreted() and (first.dtype not in (torch.float16, torch.bfloat16)
+                                     or torch.cuda.get_device_capability(first.device)[0] < 9):
+        return False
+    return (all(width > 0 and width * first.element_size() % TMA_ALIGNMENT == 0 for width in widths)
+            and all(t.data_ptr() % TMA_ALIGNMENT == 0 for t in tensors))
+
+
+def _descriptor(tensor):
+    """A descriptor over a contiguous 3-D tensor; its block shape is set per launch config."""
+    return TensorDescriptor.from_tensor(tensor, [1, 16, 16])
+
+
+def _stacked(weight):
+    """A weight as (P or 1, F, E)."""
+    return weight if weight.dim() == 3 else weight.unsqueeze(0)
+
+
+def _programs(device):
+    """How many programs a persistent kernel starts: one per SM (two in the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _dot_fp32(dtype):
     return dtype == torch.float32 or triton_interpreted()
 
@@ -248,15 +463,28 @@ def forward(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b):
     if has_bias:
         bias_a = _bias_or_zeros(bias_a, per_pair, num_pairs, out_features, ha)
         bias_b = _bias_or_zeros(bias_b, per_pair, num_pairs, out_features, ha)
-    pairs = pairs.to(ha.device)  # pairs may be given on the CPU
-    _launch(FORWARD,
-            lambda meta: (2 * num_pairs * triton.cdiv(samples, meta["BLOCK_N"])
-                          * triton.cdiv(out_features, meta["BLOCK_F"]),),
-            (ha.contiguous(), hb.contiguous(), pairs.contiguous(), weight_a.contiguous(),
-             bias_a if has_bias else ha, weight_b.contiguous(), bias_b if has_bias else ha, pa, pb,
-             samples, in_features, out_features),
-            {"BLOCK_N": _block(samples), "BLOCK_F": _block(out_features), "BLOCK_E": _block(in_features, 32)},
-            PER_PAIR=per_pair, HAS_BIAS=has_bias, DOT_FP32=_dot_fp32(ha.dtype))
+    ha, hb, pairs = ha.contiguous(), hb.contiguous(), pairs.to(ha.device).contiguous()  # pairs may be on the CPU
+    weight_a, weight_b = weight_a.contiguous(), weight_b.contiguous()
+    bias_a, bias_b = (bias_a, bias_b) if has_bias else (ha, ha)  # unread without a bias
+
+    def tiles(meta):
+        return 2 * num_pairs * triton.cdiv(samples, meta["BLOCK_N"]) * triton.cdiv(out_features, meta["BLOCK_F"])
+
+    blocks = {"BLOCK_N": _block(samples), "BLOCK_F": _block(out_features), "BLOCK_E": _block(in_features, 32)}
+    constexprs = {"PER_PAIR": per_pair, "HAS_BIAS": has_bias, "DOT_FP32": _dot_fp32(ha.dtype)}
+    if use_tma((ha, hb, weight_a, weight_b, pa, pb), (in_features, out_features)):
+        programs = _programs(ha.device)
+        _launch_tma(TMA_FORWARD, lambda meta: (min(programs, tiles(meta)),),
+                    {"ha_desc": _descriptor(ha), "hb_desc": _descriptor(hb), "pairs_ptr": pairs,
+                     "weight_a_desc": _descriptor(_stacked(weight_a)), "bias_a_ptr": bias_a,
+                     "weight_b_desc": _descriptor(_stacked(weight_b)), "bias_b_ptr": bias_b,
+                     "pa_desc": _descriptor(pa), "pb_desc": _descriptor(pb), "num_pairs": num_pairs,
+                     "samples": samples, "in_features": in_features, "out_features": out_features},
+                    blocks, **constexprs)
+    else:
+        _launch(FORWARD, lambda meta: (tiles(meta),),
+                (ha, hb, pairs, weight_a, bias_a, weight_b, bias_b, pa, pb, samples, in_features, out_features),
+                blocks, **constexprs)
     return pa, pb
 
 
@@ -292,7 +520,11 @@ def backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, bias_a, weight_b, bias_b
     grad_weight_a = torch.zeros_like(weight_a)
     grad_weight_b = absent() if shared else torch.zeros_like(weight_b)
     dot_fp32 = _dot_fp32(ha.dtype)
-    if num_pairs > 0 and samples > 0 and in_features > 0 and out_features > 0:
+    tma = use_tma((ha, hb, grad_pa, grad_pb, weight_a, weight_b, grad_ha, grad_hb), (in_features, out_features))
+    if tma and num_pairs > 0 and samples > 0:
+        _tma_backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, weight_b, grad_ha, grad_hb, grad_weight_a,
+                      grad_weight_b, per_pair, shared)
+    elif num_pairs > 0 and samples > 0 and in_features > 0 and out_features > 0:
         order, offsets = _layer_segments(pairs, layers_a, layers_b)
         _launch(GRAD_STACK,
                 lambda meta: ((layers_a + layers_b) * triton.cdiv(samples, meta["BLOCK_N"])
@@ -320,3 +552,41 @@ def backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, bias_a, weight_b, bias_b
     grad_bias_a = absent() if bias_a is None else (sum_a + sum_b if shared else sum_a).to(ha.dtype)
     grad_bias_b = absent() if bias_b is None else sum_b.to(ha.dtype)
     return grad_ha, grad_hb, grad_weight_a, grad_bias_a, grad_weight_b, grad_bias_b
+
+
+def _tma_backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, weight_b, grad_ha, grad_hb, grad_weight_a, grad_weight_b,
+                  per_pair, shared):
+    """backward's d_h and d_weight with the TMA kernels, into the given gradient tensors."""
+    layers_a, samples, in_features = ha.shape
+    layers_b = hb.shape[0]
+    num_pairs, out_features = pairs.shape[0], weight_a.shape[-2]
+    dot_fp32 = _dot_fp32(ha.dtype)
+    order, offsets = _layer_segments(pairs, layers_a, layers_b)
+    _launch_tma(TMA_GRAD_STACK,
+                lambda meta: ((layers_a + layers_b) * triton.cdiv(samples, meta["BLOCK_N"])
+                              * triton.cdiv(in_features, meta["BLOCK_E"]),),
+                {"grad_pa_desc": _descriptor(grad_pa), "grad_pb_desc": _descriptor(grad_pb),
+                 "weight_a_desc": _descriptor(_stacked(weight_a)), "weight_b_desc": _descriptor(_stacked(weight_b)),
+                 "order_ptr": order, "offsets_ptr": offsets, "grad_ha_desc": _descriptor(grad_ha),
+                 "grad_hb_desc": _descriptor(grad_hb), "num_pairs": num_pairs, "layers_a": layers_a,
+                 "samples": samples, "in_features": in_features, "out_features": out_features},
+                {"BLOCK_N": _block(samples), "BLOCK_F": _block(out_features, 32), "BLOCK_E": _block(in_features)},
+                PER_PAIR=per_pair, DOT_FP32=dot_fp32)
+
+    slots = num_pairs if per_pair else 1
+    splits = 1 if per_pair else min(TMA_SPLITS, num_pairs)
+    launches = [(grad_weight_a, grad_pa, ha, 0)] + ([] if shared else [(grad_weight_b, grad_pb, hb, 1)])
+    for grad_weight, grad_first, stack_first, column in launches:
+        out = grad_weight if splits == 1 else grad_weight.new_empty((splits, out_features, in_features),
+                                                                     dtype=torch.float32)
+        _launch_tma(TMA_GRAD_WEIGHT,
+                    lambda meta: (slots * splits, triton.cdiv(out_features, meta["BLOCK_F"]),
+                                  triton.cdiv(in_features, meta["BLOCK_E"])),
+                    {"grad_first_desc": _descriptor(grad_first), "stack_first_desc": _descriptor(stack_first),
+                     "grad_second_desc": _descriptor(grad_pb), "stack_second_desc": _descriptor(hb),
+                     "pairs_ptr": pairs, "out_ptr": out, "first_column": column, "num_pairs": num_pairs,
+                     "splits": splits, "samples": samples, "in_features": in_features, "out_features": out_features},
+                    {"BLOCK_N": _block(samples, 32), "BLOCK_F": _block(out_features), "BLOCK_E": _block(in_features)},
+                    PER_PAIR=per_pair, HAS_SECOND=shared, DOT_FP32=dot_fp32)
+        if splits > 1:
+            grad_weight.copy_(out.sum(0))  # the partials in order: the same bits on every run
