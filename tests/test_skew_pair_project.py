@@ -239,17 +239,17 @@ def test_gradient_of_a_repeated_layer_is_the_sum_over_its_pairs():
         torch.testing.assert_close(h_b.grad[1], column)
 
 
-def _op_samples(dtype, device="cpu"):
+def _op_samples(dtype, device="cpu", E=7, F=4):
     generator = seeded_generator("opcheck")
 
     def t(*shape):
         return randn(generator, *shape).to(device=device, dtype=dtype).requires_grad_()
 
     pairs = torch.tensor([[0, 1], [2, 1], [0, 0]], device=device)
-    shared = (t(3, 5, 7), t(2, 5, 7), pairs, t(4, 7), t(4), None, None)
-    separate = (t(3, 5, 7), t(2, 5, 7), pairs, t(4, 7), None, t(4, 7), t(4))
-    per_pair = (t(3, 5, 7), t(2, 5, 7), pairs, t(3, 4, 7), t(3, 4), t(3, 4, 7), None)
-    per_pair_shared = (t(3, 2, 7), t(2, 2, 7), pairs, t(3, 4, 7), None, None, None)
+    shared = (t(3, 5, E), t(2, 5, E), pairs, t(F, E), t(F), None, None)
+    separate = (t(3, 5, E), t(2, 5, E), pairs, t(F, E), None, t(F, E), t(F))
+    per_pair = (t(3, 5, E), t(2, 5, E), pairs, t(3, F, E), t(3, F), t(3, F, E), None)
+    per_pair_shared = (t(3, 2, E), t(2, 2, E), pairs, t(3, F, E), None, None, None)
     return [shared, separate, per_pair, per_pair_shared]
 
 
@@ -257,6 +257,14 @@ def _op_samples(dtype, device="cpu"):
 def test_opcheck(op, device, dtype):
     for args in _op_samples(dtype, device):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif("triton" not in sk.backends() and not HAS_CUDA, reason="triton is not usable here")
+def test_opcheck_triton_tma_kernels(triton_tma):
+    # On a GPU the TMA kernels take fp16 and bf16 only; E = F = 8 makes 16-byte rows in either dtype.
+    device, dtype = ("cuda", torch.bfloat16) if HAS_CUDA else ("cpu", torch.float32)
+    for args in _op_samples(dtype, device, E=8, F=8):
+        torch.library.opcheck(torch.ops.stepfusion.skew_pair_project_triton.default, args)
 
 
 @pytest.mark.parametrize("per_pair", [False, True], ids=["shared", "perpair"])
