@@ -520,30 +520,59 @@ def backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, bias_a, weight_b, bias_b
     grad_weight_a = torch.zeros_like(weight_a)
     grad_weight_b = absent() if shared else torch.zeros_like(weight_b)
     dot_fp32 = _dot_fp32(ha.dtype)
-    tma = use_tma((ha, hb, grad_pa, grad_pb, weight_a, weight_b, grad_ha, grad_hb), (in_features, out_features))
-    if tma and num_pairs > 0 and samples > 0:
-        _tma_backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, weight_b, grad_ha, grad_hb, grad_weight_a,
-                      grad_weight_b, per_pair, shared)
-    elif num_pairs > 0 and samples > 0 and in_features > 0 and out_features > 0:
+    if num_pairs > 0 and samples > 0 and in_features > 0 and out_features > 0:
+        tma = use_tma((ha, hb, grad_pa, grad_pb, weight_a, weight_b, grad_ha, grad_hb), (in_features, out_features))
         order, offsets = _layer_segments(pairs, layers_a, layers_b)
-        _launch(GRAD_STACK,
-                lambda meta: ((layers_a + layers_b) * triton.cdiv(samples, meta["BLOCK_N"])
-                              * triton.cdiv(in_features, meta["BLOCK_E"]),),
-                (grad_pa, grad_pb, weight_a, weight_b, order, offsets, grad_ha, grad_hb,
-                 num_pairs, layers_a, samples, in_features, out_features),
-                {"BLOCK_N": _block(samples), "BLOCK_F": _block(out_features, 32), "BLOCK_E": _block(in_features)},
-                PER_PAIR=per_pair, DOT_FP32=dot_fp32)
+
+        def stack_grid(meta):
+            return ((layers_a + layers_b) * triton.cdiv(samples, meta["BLOCK_N"])
+                    * triton.cdiv(in_features, meta["BLOCK_E"]),)
+
+        stack_blocks = {"BLOCK_N": _block(samples), "BLOCK_F": _block(out_features, 32), "BLOCK_E": _block(in_features)}
+        if tma:
+            _launch_tma(TMA_GRAD_STACK, stack_grid,
+                        {"grad_pa_desc": _descriptor(grad_pa), "grad_pb_desc": _descriptor(grad_pb),
+                         "weight_a_desc": _descriptor(_stacked(weight_a)),
+                         "weight_b_desc": _descriptor(_stacked(weight_b)), "order_ptr": order, "offsets_ptr": offsets,
+                         "grad_ha_desc": _descriptor(grad_ha), "grad_hb_desc": _descriptor(grad_hb),
+                         "num_pairs": num_pairs, "layers_a": layers_a, "samples": samples,
+                         "in_features": in_features, "out_features": out_features},
+                        stack_blocks, PER_PAIR=per_pair, DOT_FP32=dot_fp32)
+        else:
+            _launch(GRAD_STACK, stack_grid,
+                    (grad_pa, grad_pb, weight_a, weight_b, order, offsets, grad_ha, grad_hb,
+                     num_pairs, layers_a, samples, in_features, out_features),
+                    stack_blocks, PER_PAIR=per_pair, DOT_FP32=dot_fp32)
+
+        # The TMA kernel splits a shared weight's pairs over TMA_SPLITS programs per tile.
+        slots = num_pairs if per_pair else 1
+        splits = min(TMA_SPLITS, num_pairs) if tma and not per_pair else 1
+
         def weight_grid(meta):
-            return (num_pairs if per_pair else 1, triton.cdiv(out_features, meta["BLOCK_F"]),
+            return (slots * splits, triton.cdiv(out_features, meta["BLOCK_F"]),
                     triton.cdiv(in_features, meta["BLOCK_E"]))
 
+        weight_blocks = {"BLOCK_N": _block(samples, 32), "BLOCK_F": _block(out_features),
+                         "BLOCK_E": _block(in_features)}
         launches = [(grad_weight_a, grad_pa, ha, 0)] + ([] if shared else [(grad_weight_b, grad_pb, hb, 1)])
         for grad_weight, grad_first, stack_first, column in launches:
-            _launch(GRAD_WEIGHT, weight_grid,
-                    (grad_first, stack_first, grad_pb, hb, pairs, grad_weight, column,
-                     num_pairs, samples, in_features, out_features),
-                    {"BLOCK_N": _block(samples, 32), "BLOCK_F": _block(out_features), "BLOCK_E": _block(in_features)},
-                    PER_PAIR=per_pair, HAS_SECOND=shared, DOT_FP32=dot_fp32)
+            if tma:
+                out = grad_weight if splits == 1 else grad_weight.new_empty((splits, out_features, in_features),
+                                                                             dtype=torch.float32)
+                _launch_tma(TMA_GRAD_WEIGHT, weight_grid,
+                            {"grad_first_desc": _descriptor(grad_first), "stack_first_desc": _descriptor(stack_first),
+                             "grad_second_desc": _descriptor(grad_pb), "stack_second_desc": _descriptor(hb),
+                             "pairs_ptr": pairs, "out_ptr": out, "first_column": column, "num_pairs": num_pairs,
+                             "splits": splits, "samples": samples, "in_features": in_features,
+                             "out_features": out_features},
+                            weight_blocks, PER_PAIR=per_pair, HAS_SECOND=shared, DOT_FP32=dot_fp32)
+                if splits > 1:
+                    grad_weight.copy_(out.sum(0))  # the partials in order: the same bits on every run
+            else:
+                _launch(GRAD_WEIGHT, weight_grid,
+                        (grad_first, stack_first, grad_pb, hb, pairs, grad_weight, column,
+                         num_pairs, samples, in_features, out_features),
+                        weight_blocks, PER_PAIR=per_pair, HAS_SECOND=shared, DOT_FP32=dot_fp32)
 
     # Bias gradients: fixed-shape sums over rows (and pairs), deterministic on CPU and GPU.
     reduce_dims = (1,) if per_pair else (0, 1)
@@ -553,40 +582,3 @@ def backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, bias_a, weight_b, bias_b
     grad_bias_b = absent() if bias_b is None else sum_b.to(ha.dtype)
     return grad_ha, grad_hb, grad_weight_a, grad_bias_a, grad_weight_b, grad_bias_b
 
-
-def _tma_backward(grad_pa, grad_pb, ha, hb, pairs, weight_a, weight_b, grad_ha, grad_hb, grad_weight_a, grad_weight_b,
-                  per_pair, shared):
-    """backward's d_h and d_weight with the TMA kernels, into the given gradient tensors."""
-    layers_a, samples, in_features = ha.shape
-    layers_b = hb.shape[0]
-    num_pairs, out_features = pairs.shape[0], weight_a.shape[-2]
-    dot_fp32 = _dot_fp32(ha.dtype)
-    order, offsets = _layer_segments(pairs, layers_a, layers_b)
-    _launch_tma(TMA_GRAD_STACK,
-                lambda meta: ((layers_a + layers_b) * triton.cdiv(samples, meta["BLOCK_N"])
-                              * triton.cdiv(in_features, meta["BLOCK_E"]),),
-                {"grad_pa_desc": _descriptor(grad_pa), "grad_pb_desc": _descriptor(grad_pb),
-                 "weight_a_desc": _descriptor(_stacked(weight_a)), "weight_b_desc": _descriptor(_stacked(weight_b)),
-                 "order_ptr": order, "offsets_ptr": offsets, "grad_ha_desc": _descriptor(grad_ha),
-                 "grad_hb_desc": _descriptor(grad_hb), "num_pairs": num_pairs, "layers_a": layers_a,
-                 "samples": samples, "in_features": in_features, "out_features": out_features},
-                {"BLOCK_N": _block(samples), "BLOCK_F": _block(out_features, 32), "BLOCK_E": _block(in_features)},
-                PER_PAIR=per_pair, DOT_FP32=dot_fp32)
-
-    slots = num_pairs if per_pair else 1
-    splits = 1 if per_pair else min(TMA_SPLITS, num_pairs)
-    launches = [(grad_weight_a, grad_pa, ha, 0)] + ([] if shared else [(grad_weight_b, grad_pb, hb, 1)])
-    for grad_weight, grad_first, stack_first, column in launches:
-        out = grad_weight if splits == 1 else grad_weight.new_empty((splits, out_features, in_features),
-                                                                     dtype=torch.float32)
-        _launch_tma(TMA_GRAD_WEIGHT,
-                    lambda meta: (slots * splits, triton.cdiv(out_features, meta["BLOCK_F"]),
-                                  triton.cdiv(in_features, meta["BLOCK_E"])),
-                    {"grad_first_desc": _descriptor(grad_first), "stack_first_desc": _descriptor(stack_first),
-                     "grad_second_desc": _descriptor(grad_pb), "stack_second_desc": _descriptor(hb),
-                     "pairs_ptr": pairs, "out_ptr": out, "first_column": column, "num_pairs": num_pairs,
-                     "splits": splits, "samples": samples, "in_features": in_features, "out_features": out_features},
-                    {"BLOCK_N": _block(samples, 32), "BLOCK_F": _block(out_features), "BLOCK_E": _block(in_features)},
-                    PER_PAIR=per_pair, HAS_SECOND=shared, DOT_FP32=dot_fp32)
-        if splits > 1:
-            grad_weight.copy_(out.sum(0))  # the partials in order: the same bits on every run
