@@ -8,6 +8,9 @@
 #   BENCH_OPS   the ops to benchmark (default: all); skew_pair_project runs a second time with
 #               STEPFUSION_SKEW_TRITON_TMA=1 (its Triton TMA kernels), into $OUT/triton-tma
 #   TESTS       the test files or ids of the GPU stage (default: tests)
+#   VARIANTS_S  (150) the tests of skew_pair_project's opt-in cuBLASLt variants, in a stage of their own
+#               (a variant cuBLASLt mishandles must not take the main stage down), then
+#               scripts/tune_skew_cuda.py: each variant's time against the dense GEMM, into $OUT/tune-skew-cuda
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,13 +40,25 @@ python3 -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
 
 echo "== GPU tests"
 start=$SECONDS
-timeout "${GPU_TESTS_S:-300}" python3 -m pytest -q -rfEs "${parallel[@]}" -k "cuda" -m "not large_memory" \
-  ${TESTS:-tests} > "$OUT/tests.log" 2>&1 || status=1
+timeout "${GPU_TESTS_S:-300}" python3 -m pytest -q -rfEs "${parallel[@]}" -k "cuda and not blaslt_variant" \
+  -m "not large_memory" ${TESTS:-tests} > "$OUT/tests.log" 2>&1 || status=1
 # The tests that take tens of GiB of GPU memory, one at a time.
 timeout "${GPU_TESTS_S:-300}" python3 -m pytest -q -rfEs -m large_memory tests/test_large_shapes.py \
   >> "$OUT/tests.log" 2>&1 || status=1
 echo "GPU tests took $((SECONDS - start)) s"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | head -n 60
+
+if [ "${VARIANTS_S:-150}" -gt 0 ]; then
+  echo "== skew_pair_project's opt-in cuBLASLt variants: tests, then timings"
+  start=$SECONDS
+  timeout "$VARIANTS_S" python3 -m pytest -q -rfEs "${parallel[@]}" -k "blaslt_variant" \
+    tests/test_skew_pair_project.py > "$OUT/tests-variants.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests-variants.log" | head -n 30
+  timeout "$VARIANTS_S" python3 scripts/tune_skew_cuda.py --out "$OUT/tune-skew-cuda" --profile \
+    > "$OUT/tune-skew-cuda.log" 2>&1 || status=1
+  tail -n 80 "$OUT/tune-skew-cuda.log"
+  echo "variants took $((SECONDS - start)) s"
+fi
 
 if [ "${CPU_TESTS_S:-0}" -gt 0 ]; then
   echo "== the other tests"

@@ -74,6 +74,50 @@ def test_cuda_own_grouped_gemm_matches_reference(case, dtype, monkeypatch):
     check_against_reference(OP, case, "cuda", "cuda", dtype)
 
 
+# The opt-in variants of the CUDA backend's cuBLASLt path (see csrc/cuda/skew_pair_project.cpp). Their tests
+# carry "blaslt_variant" in their names: scripts/gpu_check.sh runs them in a stage of their own, so that a
+# variant cuBLASLt mishandles cannot take the rest of the GPU suite down with it.
+BLASLT_VARIANTS = {
+    "strided": {"STEPFUSION_SKEW_STRIDED": "1"},
+    "groups-auto": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "auto"},
+    "groups-2": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "2"},  # uneven groups of 5 or 10 terms
+    "strided-groups-3": {"STEPFUSION_SKEW_STRIDED": "1", "STEPFUSION_SKEW_WEIGHT_GROUPS": "3"},
+}
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("variant", BLASLT_VARIANTS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_blaslt_variant_matches_reference(case, dtype, variant, monkeypatch):
+    for name, value in BLASLT_VARIANTS[variant].items():
+        monkeypatch.setenv(name, value)
+    check_against_reference(OP, case, "cuda", "cuda", dtype)
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("variant", BLASLT_VARIANTS)
+@pytest.mark.parametrize("per_pair", [False, True], ids=["shared", "perpair"])
+def test_cuda_blaslt_variant_backward_is_bitwise_reproducible(per_pair, variant, monkeypatch):
+    for name, value in BLASLT_VARIANTS[variant].items():
+        monkeypatch.setenv(name, value)
+    pairs = ((0, 1), (1, 1), (0, 1), (0, 0), (1, 1), (0, 2))
+    check_deterministic_backward(OP, make_case(2, 3, 150, 24, 20, pairs=pairs, per_pair=per_pair), "cuda", "cuda",
+                                 torch.bfloat16)
+
+
+@NEEDS_GPU
+@pytest.mark.parametrize("value", ["0", "-2", "two", "2x", ""])
+def test_cuda_blaslt_variant_bad_weight_groups_setting(value, monkeypatch):
+    monkeypatch.setenv("STEPFUSION_SKEW_WEIGHT_GROUPS", value)
+    inputs = make_case(5, 4, 17, 33, 9).build(seeded_generator("bad-groups"))
+    tensors = {name: t.cuda().float().requires_grad_() for name, t in inputs.items()
+               if name != "pairs" and t is not None}
+    pa, pb = sk.skew_pair_project(pairs=inputs["pairs"], backend="cuda", **tensors)
+    with pytest.raises(RuntimeError, match="STEPFUSION_SKEW_WEIGHT_GROUPS must be a positive integer"):
+        (pa.sum() + pb.sum()).backward()
+
+
 @NEEDS_GPU
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("per_pair", [False, True], ids=["shared", "perpair"])

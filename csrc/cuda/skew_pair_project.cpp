@@ -9,6 +9,15 @@
 //                  sorted stably by layer here with torch ops (a segment reduction, no atomics)
 //   grad_weight    2 (shared) or 2P (per pair) problems, each summing grad_p^T @ h over its pairs;
 //                  P or 1 problems of both sides' terms when weight_b is absent
+// Two opt-in variants of the cuBLASLt path, written for the H100's bfloat16 gap to one dense GEMM and
+// off until measured on a GPU (switched per call, so that tests and benchmarks can compare them):
+//   STEPFUSION_SKEW_STRIDED=1        a forward side whose layers step evenly (SSFN's runs step by -1)
+//                                    is one strided batch with the bias in cuBLASLt's epilogue, instead
+//                                    of pointer arrays with the bias read as a C matrix
+//   STEPFUSION_SKEW_WEIGHT_GROUPS=G  a shared weight's gradient sums its terms in G float32 partials
+//                                    (G problems per wave instead of one, whose single (F, E) output
+//                                    does not fill the GPU), then adds the partials in order; "auto"
+//                                    sizes G to the GPU, unset or 1 keeps one sum in the weight's dtype
 // The bias gradients are column sums of grad_p by at::sum (float32 accumulation), which reduces in
 // a fixed order on CUDA, so every gradient is the same bits on every run.
 #include <ATen/ATen.h>
@@ -22,6 +31,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -78,6 +88,31 @@ bool use_blaslt(const SkewPairProjectShape& shape) {
   return (setting == nullptr || std::strcmp(setting, "0") != 0) && shape.in_features > 0 && shape.out_features > 0;
 }
 
+bool use_strided() {
+  const char* setting = std::getenv("STEPFUSION_SKEW_STRIDED");
+  return setting != nullptr && std::strcmp(setting, "1") == 0;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How many float32 partials a shared weight's gradient of `terms` terms sums in (1: none, one sum in the
+// weight's dtype). "auto" asks for about two waves of (F, E) output tiles of 128 x 128 over the GPU.
+int64_t weight_groups(const SkewPairProjectShape& shape, int64_t terms) {
+  const char* setting = std::getenv("STEPFUSION_SKEW_WEIGHT_GROUPS");
+  if (setting == nullptr) return 1;
+  int64_t groups = 1;
+  if (std::strcmp(setting, "auto") == 0) {
+    const int64_t tiles = ceil_div(shape.out_features, 128) * ceil_div(shape.in_features, 128);
+    groups = ceil_div(2 * current_device().sm_count, tiles);
+  } else {
+    char* end = nullptr;
+    groups = std::strtoll(setting, &end, 10);
+    TORCH_CHECK(end != setting && *end == '\0' && groups >= 1,
+                "STEPFUSION_SKEW_WEIGHT_GROUPS must be a positive integer or \"auto\", got \"", setting, "\"");
+  }
+  return shape.per_pair ? 1 : std::min(groups, terms);  // a per-pair weight's sums have one or two terms
+}
+
 // Address of element `offset` of t's storage (t contiguous).
 const void* element(const at::Tensor& t, int64_t offset) {
   return static_cast<const char*>(t.const_data_ptr()) + offset * t.element_size();
@@ -98,29 +133,72 @@ int64_t bias_row_chunk(int64_t samples) {
   return samples;
 }
 
+// The step between the layers a side reads when they step evenly (layer of pair k = layer of pair 0 +
+// k * step, for every k; a single pair steps evenly by 0), else nothing.
+std::optional<int64_t> even_step(const at::Tensor& pairs_host, int side) {
+  const auto layers = pairs_host.accessor<int64_t, 2>();
+  const int64_t step = pairs_host.size(0) > 1 ? layers[1][side] - layers[0][side] : 0;
+  for (int64_t k = 1; k < pairs_host.size(0); ++k) {
+    if (layers[k][side] - layers[k - 1][side] != step) return std::nullopt;
+  }
+  return step;
+}
+
+// One side of the forward as a single strided batch: entry k reads layer first + k * step of the stack
+// and weight k (or the shared one, stride 0), and adds bias k (or the shared one) in the epilogue.
+bool forward_side_strided(const ContiguousArgs& args, const SkewPairProjectShape& shape, int side, int64_t first,
+                          int64_t step, at::Tensor& out) {
+  const int64_t N = shape.samples, E = shape.in_features, F = shape.out_features;
+  const at::Tensor& stack = side == 0 ? args.ha : args.hb;
+  const at::Tensor& weight = side == 0 ? args.weight_a : args.weight_b;
+  const at::Tensor& bias = side == 0 ? args.bias_a : args.bias_b;
+  const BlasLtStridedBatch gemm{static_cast<int32_t>(shape.pairs),
+                                weight.const_data_ptr(),
+                                shape.per_pair ? F * E : 0,
+                                element(stack, first * N * E),
+                                step * N * E,
+                                out.mutable_data_ptr(),
+                                N * F,
+                                bias.defined() ? bias.const_data_ptr() : nullptr,
+                                shape.per_pair ? F : 0};
+  return blaslt_strided_gemm({CUBLAS_OP_T, CUBLAS_OP_N, F, N, E, E, E, F}, stack.scalar_type(), gemm, stack.device());
+}
+
 // pa[k] (N x F) = h[layer] (N x E) @ W(k)^T + b(k): in cuBLAS terms D (F x rows) = op(A) @ op(B) + C with
-// A the weight (E x F) transposed, B the layer's rows (E x rows) and C the bias rows.
+// A the weight (E x F) transposed, B the layer's rows (E x rows) and C the bias rows. With
+// STEPFUSION_SKEW_STRIDED=1 a side whose layers step evenly goes first as one strided batch, and only the
+// other sides (and those cuBLASLt refuses so) become pointer-array problems.
 bool forward_blaslt(const ContiguousArgs& args, const SkewPairProjectShape& shape, const at::Tensor& pairs_host,
                     at::Tensor& pa, at::Tensor& pb) {
   const int64_t P = shape.pairs, N = shape.samples, E = shape.in_features, F = shape.out_features;
-  const bool has_bias = args.bias_a.defined() || args.bias_b.defined();
+  const at::Tensor* stacks[2] = {&args.ha, &args.hb};
+  const at::Tensor* weights[2] = {&args.weight_a, &args.weight_b};
+  const at::Tensor biases[2] = {args.bias_a, args.bias_b};
+  at::Tensor* outputs[2] = {&pa, &pb};
+  const auto layers = pairs_host.accessor<int64_t, 2>();
+  std::vector<int> pointer_sides;
+  for (int side = 0; side < 2; ++side) {
+    const std::optional<int64_t> step = use_strided() ? even_step(pairs_host, side) : std::nullopt;
+    if (!step || !forward_side_strided(args, shape, side, layers[0][side], *step, *outputs[side])) {
+      pointer_sides.push_back(side);
+    }
+  }
+  if (pointer_sides.empty()) return true;
+
+  bool has_bias = false;
+  for (int side : pointer_sides) has_bias = has_bias || biases[side].defined();
   const int64_t chunk = has_bias ? bias_row_chunk(N) : N;
   const int64_t weight_count = shape.per_pair ? P : 1;
   at::Tensor bias_rows[2];  // (P or 1, chunk, F): zeros for a side without a bias
   if (has_bias) {
-    const at::Tensor biases[2] = {args.bias_a, args.bias_b};
-    for (int side = 0; side < 2; ++side) {
+    for (int side : pointer_sides) {
       const at::Tensor bias = biases[side].defined() ? biases[side].reshape({weight_count, 1, F})
                                                      : at::zeros({weight_count, 1, F}, args.ha.options());
       bias_rows[side] = bias.expand({weight_count, chunk, F}).contiguous();
     }
   }
-  const at::Tensor* stacks[2] = {&args.ha, &args.hb};
-  const at::Tensor* weights[2] = {&args.weight_a, &args.weight_b};
-  at::Tensor* outputs[2] = {&pa, &pb};
-  const auto layers = pairs_host.accessor<int64_t, 2>();
   std::vector<BlasLtProblem> problems;
-  for (int side = 0; side < 2; ++side) {
+  for (int side : pointer_sides) {
     for (int64_t k = 0; k < P; ++k) {
       const int64_t slot = shape.per_pair ? k : 0;
       for (int64_t row = 0; row < N; row += chunk) {
@@ -146,31 +224,37 @@ bool grad_features_blaslt(const ContiguousArgs& args, const SkewPairProjectShape
   at::Tensor* grad_stacks[2] = {&grad_ha, &grad_hb};
   const auto layers = pairs_host.accessor<int64_t, 2>();
   std::vector<BlasLtProblem> problems;
-  std::vector<at::Tensor> unused_layers;
+  std::vector<at::Tensor> unused_runs;  // runs of consecutive layers no pair uses: one memset each
   for (int side = 0; side < 2; ++side) {
-    std::vector<std::vector<BlasLtTerm>> terms(grad_stacks[side]->size(0));
+    const int64_t stack_layers = grad_stacks[side]->size(0);
+    std::vector<std::vector<BlasLtTerm>> terms(stack_layers);
     for (int64_t k = 0; k < P; ++k) {
       terms[layers[k][side]].push_back(
           {element(*weights[side], shape.per_pair ? k * F * E : 0), element(*grads[side], k * N * F)});
     }
-    for (int64_t layer = 0; layer < static_cast<int64_t>(terms.size()); ++layer) {
-      if (terms[layer].empty()) {
-        unused_layers.push_back(grad_stacks[side]->select(0, layer));
-      } else {
+    for (int64_t layer = 0; layer < stack_layers; ++layer) {
+      if (!terms[layer].empty()) {
         problems.push_back({element(*grad_stacks[side], layer * N * E), nullptr, std::move(terms[layer])});
+        continue;
       }
+      int64_t end = layer + 1;
+      while (end < stack_layers && terms[end].empty()) ++end;
+      unused_runs.push_back(grad_stacks[side]->narrow(0, layer, end - layer));
+      layer = end - 1;
     }
   }
   if (!blaslt_grouped_gemm({CUBLAS_OP_N, CUBLAS_OP_N, E, N, F, E, F, E}, args.ha.scalar_type(), problems,
                            args.ha.device())) {
     return false;
   }
-  for (at::Tensor& layer : unused_layers) layer.zero_();
+  for (at::Tensor& run : unused_runs) run.zero_();
   return true;
 }
 
 // grad_W (F x E) = sum over its terms of grad_p[k]^T (F x N) @ h[layer] (N x E): one problem per
-// weight (per pair's weight) and side, or with weight_b absent both sides' terms, A's first.
+// weight (per pair's weight) and side, or with weight_b absent both sides' terms, A's first. With
+// STEPFUSION_SKEW_WEIGHT_GROUPS, a shared weight's terms are split into G consecutive groups, one float32
+// partial problem each, and the partials are added in group order.
 bool grad_weights_blaslt(const ContiguousArgs& args, const SkewPairProjectShape& shape,
                          const at::Tensor& pairs_host, const at::Tensor& grad_pa, const at::Tensor& grad_pb,
                          bool shared_b, at::Tensor& grad_weight_a, at::Tensor& grad_weight_b) {
@@ -178,7 +262,13 @@ bool grad_weights_blaslt(const ContiguousArgs& args, const SkewPairProjectShape&
   const at::Tensor* stacks[2] = {&args.ha, &args.hb};
   const at::Tensor* grads[2] = {&grad_pa, &grad_pb};
   const auto layers = pairs_host.accessor<int64_t, 2>();
-  std::vector<BlasLtProblem> problems;
+  const BlasLtShape gemm{CUBLAS_OP_N, CUBLAS_OP_T, E, F, N, E, F, E};
+  struct WeightSum {
+    at::Tensor* grad;  // grad_weight_a or grad_weight_b
+    int64_t slot;      // the pair's weight, or 0 for a shared one
+    std::vector<BlasLtTerm> terms;
+  };
+  std::vector<WeightSum> sums;
   for (int64_t slot = 0; slot < (shape.per_pair ? P : 1); ++slot) {
     std::vector<BlasLtTerm> terms[2];
     for (int side = 0; side < 2; ++side) {
@@ -187,11 +277,34 @@ bool grad_weights_blaslt(const ContiguousArgs& args, const SkewPairProjectShape&
       }
     }
     if (shared_b) terms[0].insert(terms[0].end(), terms[1].begin(), terms[1].end());
-    problems.push_back({element(grad_weight_a, slot * F * E), nullptr, std::move(terms[0])});
-    if (!shared_b) problems.push_back({element(grad_weight_b, slot * F * E), nullptr, std::move(terms[1])});
+    sums.push_back({&grad_weight_a, slot, std::move(terms[0])});
+    if (!shared_b) sums.push_back({&grad_weight_b, slot, std::move(terms[1])});
   }
-  return blaslt_grouped_gemm({CUBLAS_OP_N, CUBLAS_OP_T, E, F, N, E, F, E}, args.ha.scalar_type(), problems,
-                             args.ha.device());
+
+  const int64_t groups = weight_groups(shape, static_cast<int64_t>(sums.front().terms.size()));
+  std::vector<BlasLtProblem> problems;
+  if (groups == 1) {
+    for (WeightSum& sum : sums) {
+      problems.push_back({element(*sum.grad, sum.slot * F * E), nullptr, std::move(sum.terms)});
+    }
+    return blaslt_grouped_gemm(gemm, args.ha.scalar_type(), problems, args.ha.device());
+  }
+  // A shared weight (weight_groups is 1 per pair): group g of a sum's T terms is terms [g T / G, (g + 1) T / G).
+  at::Tensor partials =
+      at::empty({static_cast<int64_t>(sums.size()), groups, F, E}, args.ha.options().dtype(at::kFloat));
+  for (int64_t index = 0; index < static_cast<int64_t>(sums.size()); ++index) {
+    const std::vector<BlasLtTerm>& terms = sums[index].terms;
+    const int64_t count = static_cast<int64_t>(terms.size());
+    for (int64_t group = 0; group < groups; ++group) {
+      problems.push_back({element(partials, (index * groups + group) * F * E), nullptr,
+                          {terms.begin() + group * count / groups, terms.begin() + (group + 1) * count / groups}});
+    }
+  }
+  if (!blaslt_grouped_gemm(gemm, args.ha.scalar_type(), problems, args.ha.device(), at::kFloat)) return false;
+  for (int64_t index = 0; index < static_cast<int64_t>(sums.size()); ++index) {
+    sums[index].grad->copy_(partials.select(0, index).sum(0));
+  }
+  return true;
 }
 
 template <typename cuda_t>

@@ -1,0 +1,130 @@
+"""Times skew_pair_project's CUDA backend under each setting of its cuBLASLt path against one dense cuBLAS
+GEMM of equal FLOPs measured in the same run (the benchmark's SSFN shapes and harness), and measures the
+host time of one call: the measurements behind the defaults of
+
+    STEPFUSION_SKEW_STRIDED=1          evenly stepping forward sides as one strided batch, bias in the epilogue
+    STEPFUSION_SKEW_WEIGHT_GROUPS=G    a shared weight's gradient summed in G float32 partials ("auto" or an int)
+
+GPU only. Usage: python scripts/tune_skew_cuda.py [--out DIR] [--dtypes bfloat16 float32] [--profile]
+"""
+
+import argparse
+import os
+import time
+
+import torch
+
+from stepfusion_kernels.bench import skew_pair_project as bench
+from stepfusion_kernels.bench._harness import markdown_table, run_cases, write_csv
+from stepfusion_kernels.ops.skew_pair_project import skew_pair_project
+
+SETTINGS = {
+    "default": {},
+    "strided": {"STEPFUSION_SKEW_STRIDED": "1"},
+    "groups-auto": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "auto"},
+    "groups-2": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "2"},
+    "groups-4": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "4"},
+    "groups-6": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "6"},
+    "strided+groups-auto": {"STEPFUSION_SKEW_STRIDED": "1", "STEPFUSION_SKEW_WEIGHT_GROUPS": "auto"},
+}
+VARIABLES = sorted({name for setting in SETTINGS.values() for name in setting})
+
+
+def apply(setting):
+    """Sets the environment for one setting (the C++ op reads it at every call)."""
+    for name in VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update(SETTINGS[setting])
+
+
+def gpu_rows(dtypes):
+    """The dense GEMM's rows and every setting's rows of the CUDA backend, labelled `cuda[setting]`."""
+    rows = []
+    for setting in SETTINGS:
+        apply(setting)
+        keep = ("cuda", bench.DENSE) if setting == "default" else ("cuda",)
+        cases = [case for case in bench.cases("cuda") if str(case.dtype).replace("torch.", "") in dtypes]
+        for case in cases:
+            case.contenders = {name: fn for name, fn in case.contenders.items() if name in keep}
+            case.peak_memory = False
+        for row in run_cases(cases):
+            if row.contender == "cuda":
+                row.contender = f"cuda[{setting}]"
+            rows.append(row)
+        print(f"{setting}: done", flush=True)
+    apply("default")
+    return rows
+
+
+def versus_dense(rows):
+    """One line per (shape, dtype, mode, setting): ms and the dense GEMM's time over ours."""
+    dense = {(r.label, r.dtype, r.mode): r.ms for r in rows if r.contender == bench.DENSE}
+    lines = ["| shape | dtype | mode | contender | ms | x dense GEMM |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.contender != bench.DENSE:
+            ratio = dense[(row.label, row.dtype, row.mode)] / row.ms
+            lines.append(f"| {row.label} | {row.dtype} | {row.mode} | {row.contender} | {row.ms:.3g} | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def host_time_us(samples=16, num_pairs=1, calls=200, profile=False):
+    """Microseconds of host time per forward and per forward+backward call at a tiny shape (the GPU work
+    is far shorter than the host's, so back-to-back calls measure the host), with an optional CPU profile."""
+    inputs = bench._inputs(samples, 768, 2304, num_pairs, "cuda", torch.bfloat16)()
+    args = (inputs["ha"], inputs["hb"], inputs["pairs_host"], inputs["weight"], inputs["bias"])
+
+    def forward():
+        with torch.no_grad():
+            skew_pair_project(*args, backend="cuda")
+
+    def forward_backward():
+        pa, pb = skew_pair_project(*args, backend="cuda")
+        torch.autograd.backward((pa, pb), (torch.ones_like(pa), torch.ones_like(pb)))
+
+    result = {}
+    for name, call in (("forward", forward), ("forward+backward", forward_backward)):
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        result[name] = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as profiler
+
+            with profiler(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(20):
+                    call()
+            print(f"CPU profile of 20 {name} calls:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="tune-skew-cuda")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--profile", action="store_true", help="print a CPU profile of the small calls")
+    options = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_skew_cuda.py needs a CUDA GPU")
+    os.makedirs(options.out, exist_ok=True)
+
+    for setting in SETTINGS:
+        apply(setting)
+        times = host_time_us(profile=options.profile and setting == "default")
+        print(f"host time per call, N16 P1 bf16, {setting}: "
+              + ", ".join(f"{mode} {us:.0f} us" for mode, us in times.items()), flush=True)
+    rows = gpu_rows(options.dtypes)
+    write_csv(rows, os.path.join(options.out, "tune_skew_cuda.csv"))
+    table = versus_dense(rows)
+    with open(os.path.join(options.out, "tune_skew_cuda.md"), "w") as handle:
+        handle.write(markdown_table(rows) + "\n\n" + table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
