@@ -2,8 +2,11 @@
 GEMM of equal FLOPs measured in the same run (the benchmark's SSFN shapes and harness), and measures the
 host time of one call: the measurements behind the defaults of
 
-    STEPFUSION_SKEW_STRIDED=1          evenly stepping forward sides as one strided batch, bias in the epilogue
+    STEPFUSION_SKEW_FORWARD=strided    evenly stepping forward sides as one strided batch, bias in the epilogue
+    STEPFUSION_SKEW_FORWARD=pairs      one GEMM per pair and side, bias in the epilogue
     STEPFUSION_SKEW_WEIGHT_GROUPS=G    a shared weight's gradient summed in G float32 partials ("auto" or an int)
+
+and, for comparison, the backend's own grouped GEMM kernel (STEPFUSION_SKEW_BLASLT=0).
 
 GPU only. Usage: python scripts/tune_skew_cuda.py [--out DIR] [--dtypes bfloat16 float32] [--profile]
 """
@@ -20,12 +23,15 @@ from stepfusion_kernels.ops.skew_pair_project import skew_pair_project
 
 SETTINGS = {
     "default": {},
-    "strided": {"STEPFUSION_SKEW_STRIDED": "1"},
+    "forward-strided": {"STEPFUSION_SKEW_FORWARD": "strided"},
+    "forward-pairs": {"STEPFUSION_SKEW_FORWARD": "pairs"},
     "groups-auto": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "auto"},
     "groups-2": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "2"},
     "groups-4": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "4"},
     "groups-6": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "6"},
-    "strided+groups-auto": {"STEPFUSION_SKEW_STRIDED": "1", "STEPFUSION_SKEW_WEIGHT_GROUPS": "auto"},
+    "strided+groups-auto": {"STEPFUSION_SKEW_FORWARD": "strided", "STEPFUSION_SKEW_WEIGHT_GROUPS": "auto"},
+    "pairs+groups-auto": {"STEPFUSION_SKEW_FORWARD": "pairs", "STEPFUSION_SKEW_WEIGHT_GROUPS": "auto"},
+    "own-kernel": {"STEPFUSION_SKEW_BLASLT": "0"},
 }
 VARIABLES = sorted({name for setting in SETTINGS.values() for name in setting})
 

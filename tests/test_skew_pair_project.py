@@ -78,10 +78,11 @@ def test_cuda_own_grouped_gemm_matches_reference(case, dtype, monkeypatch):
 # carry "blaslt_variant" in their names: scripts/gpu_check.sh runs them in a stage of their own, so that a
 # variant cuBLASLt mishandles cannot take the rest of the GPU suite down with it.
 BLASLT_VARIANTS = {
-    "strided": {"STEPFUSION_SKEW_STRIDED": "1"},
+    "forward-strided": {"STEPFUSION_SKEW_FORWARD": "strided"},
+    "forward-pairs": {"STEPFUSION_SKEW_FORWARD": "pairs"},
     "groups-auto": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "auto"},
     "groups-2": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "2"},  # uneven groups of 5 or 10 terms
-    "strided-groups-3": {"STEPFUSION_SKEW_STRIDED": "1", "STEPFUSION_SKEW_WEIGHT_GROUPS": "3"},
+    "strided-groups-3": {"STEPFUSION_SKEW_FORWARD": "strided", "STEPFUSION_SKEW_WEIGHT_GROUPS": "3"},
 }
 
 
@@ -106,15 +107,20 @@ def test_cuda_blaslt_variant_backward_is_bitwise_reproducible(per_pair, variant,
                                  torch.bfloat16)
 
 
+BAD_SETTINGS = [("STEPFUSION_SKEW_WEIGHT_GROUPS", value) for value in ("0", "-2", "two", "2x", "")]
+BAD_SETTINGS.append(("STEPFUSION_SKEW_FORWARD", "strides"))
+
+
 @NEEDS_GPU
-@pytest.mark.parametrize("value", ["0", "-2", "two", "2x", ""])
-def test_cuda_blaslt_variant_bad_weight_groups_setting(value, monkeypatch):
-    monkeypatch.setenv("STEPFUSION_SKEW_WEIGHT_GROUPS", value)
-    inputs = make_case(5, 4, 17, 33, 9).build(seeded_generator("bad-groups"))
-    tensors = {name: t.cuda().float().requires_grad_() for name, t in inputs.items()
-               if name != "pairs" and t is not None}
-    pa, pb = sk.skew_pair_project(pairs=inputs["pairs"], backend="cuda", **tensors)
-    with pytest.raises(RuntimeError, match="STEPFUSION_SKEW_WEIGHT_GROUPS must be a positive integer"):
+@pytest.mark.parametrize(("name", "value"), BAD_SETTINGS)
+@pytest.mark.parametrize("per_pair", [False, True], ids=["shared", "perpair"])
+def test_cuda_blaslt_variant_bad_setting_names_the_variable(name, value, per_pair, monkeypatch):
+    inputs = make_case(5, 4, 17, 33, 9, per_pair=per_pair).build(seeded_generator("bad-setting"))
+    tensors = {key: t.cuda().float().requires_grad_() for key, t in inputs.items()
+               if key != "pairs" and t is not None}
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=f"{name} must be"):
+        pa, pb = sk.skew_pair_project(pairs=inputs["pairs"], backend="cuda", **tensors)
         (pa.sum() + pb.sum()).backward()
 
 

@@ -9,11 +9,13 @@
 //                  sorted stably by layer here with torch ops (a segment reduction, no atomics)
 //   grad_weight    2 (shared) or 2P (per pair) problems, each summing grad_p^T @ h over its pairs;
 //                  P or 1 problems of both sides' terms when weight_b is absent
-// Two opt-in variants of the cuBLASLt path, written for the H100's bfloat16 gap to one dense GEMM and
-// off until measured on a GPU (switched per call, so that tests and benchmarks can compare them):
-//   STEPFUSION_SKEW_STRIDED=1        a forward side whose layers step evenly (SSFN's runs step by -1)
+// Opt-in variants of the cuBLASLt path, written for the H100's bfloat16 gap to one dense GEMM and off
+// until measured on a GPU (read at every call, so that tests and benchmarks can compare them):
+//   STEPFUSION_SKEW_FORWARD=strided  a forward side whose layers step evenly (SSFN's runs step by -1)
 //                                    is one strided batch with the bias in cuBLASLt's epilogue, instead
 //                                    of pointer arrays with the bias read as a C matrix
+//   STEPFUSION_SKEW_FORWARD=pairs    every pair and side is a GEMM of its own, bias in the epilogue
+//                                    (2P launches, each with a full (N, F) output to fill the GPU)
 //   STEPFUSION_SKEW_WEIGHT_GROUPS=G  a shared weight's gradient sums its terms in G float32 partials
 //                                    (G problems per wave instead of one, whose single (F, E) output
 //                                    does not fill the GPU), then adds the partials in order; "auto"
@@ -88,9 +90,15 @@ bool use_blaslt(const SkewPairProjectShape& shape) {
   return (setting == nullptr || std::strcmp(setting, "0") != 0) && shape.in_features > 0 && shape.out_features > 0;
 }
 
-bool use_strided() {
-  const char* setting = std::getenv("STEPFUSION_SKEW_STRIDED");
-  return setting != nullptr && std::strcmp(setting, "1") == 0;
+enum class ForwardPlan { kPointers, kStrided, kPairs };
+
+ForwardPlan forward_plan() {
+  const char* setting = std::getenv("STEPFUSION_SKEW_FORWARD");
+  if (setting == nullptr || std::strcmp(setting, "pointers") == 0) return ForwardPlan::kPointers;
+  if (std::strcmp(setting, "strided") == 0) return ForwardPlan::kStrided;
+  TORCH_CHECK(std::strcmp(setting, "pairs") == 0,
+              "STEPFUSION_SKEW_FORWARD must be \"pointers\", \"strided\" or \"pairs\", got \"", setting, "\"");
+  return ForwardPlan::kPairs;
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -144,30 +152,49 @@ std::optional<int64_t> even_step(const at::Tensor& pairs_host, int side) {
   return step;
 }
 
-// One side of the forward as a single strided batch: entry k reads layer first + k * step of the stack
-// and weight k (or the shared one, stride 0), and adds bias k (or the shared one) in the epilogue.
-bool forward_side_strided(const ContiguousArgs& args, const SkewPairProjectShape& shape, int side, int64_t first,
-                          int64_t step, at::Tensor& out) {
+// Pairs [first_pair, first_pair + count) of one side as one strided batch: entry b reads layer
+// `layer + b * step` of the stack and the pair's weight (or the shared one, stride 0), and adds the pair's
+// bias (or the shared one) in the epilogue.
+bool forward_strided(const ContiguousArgs& args, const SkewPairProjectShape& shape, int side, int64_t first_pair,
+                     int64_t count, int64_t layer, int64_t step, at::Tensor& out) {
   const int64_t N = shape.samples, E = shape.in_features, F = shape.out_features;
   const at::Tensor& stack = side == 0 ? args.ha : args.hb;
   const at::Tensor& weight = side == 0 ? args.weight_a : args.weight_b;
   const at::Tensor& bias = side == 0 ? args.bias_a : args.bias_b;
-  const BlasLtStridedBatch gemm{static_cast<int32_t>(shape.pairs),
-                                weight.const_data_ptr(),
+  const int64_t slot = shape.per_pair ? first_pair : 0;
+  const BlasLtStridedBatch gemm{static_cast<int32_t>(count),
+                                element(weight, slot * F * E),
                                 shape.per_pair ? F * E : 0,
-                                element(stack, first * N * E),
+                                element(stack, layer * N * E),
                                 step * N * E,
-                                out.mutable_data_ptr(),
+                                element(out, first_pair * N * F),
                                 N * F,
-                                bias.defined() ? bias.const_data_ptr() : nullptr,
+                                bias.defined() ? element(bias, slot * F) : nullptr,
                                 shape.per_pair ? F : 0};
   return blaslt_strided_gemm({CUBLAS_OP_T, CUBLAS_OP_N, F, N, E, E, E, F}, stack.scalar_type(), gemm, stack.device());
 }
 
+// One side of the forward without pointer arrays, as STEPFUSION_SKEW_FORWARD asks: false (the side then
+// goes to pointer arrays) where the plan does not apply or cuBLASLt refuses it.
+bool forward_side_without_pointers(const ContiguousArgs& args, const SkewPairProjectShape& shape,
+                                   const at::Tensor& pairs_host, int side, ForwardPlan plan, at::Tensor& out) {
+  const auto layers = pairs_host.accessor<int64_t, 2>();
+  if (plan == ForwardPlan::kStrided) {
+    const std::optional<int64_t> step = even_step(pairs_host, side);
+    return step && forward_strided(args, shape, side, 0, shape.pairs, layers[0][side], *step, out);
+  }
+  if (plan == ForwardPlan::kPairs) {
+    for (int64_t k = 0; k < shape.pairs; ++k) {
+      if (!forward_strided(args, shape, side, k, 1, layers[k][side], 0, out)) return false;
+    }
+    return true;
+  }
+  return false;
+}
+
 // pa[k] (N x F) = h[layer] (N x E) @ W(k)^T + b(k): in cuBLAS terms D (F x rows) = op(A) @ op(B) + C with
-// A the weight (E x F) transposed, B the layer's rows (E x rows) and C the bias rows. With
-// STEPFUSION_SKEW_STRIDED=1 a side whose layers step evenly goes first as one strided batch, and only the
-// other sides (and those cuBLASLt refuses so) become pointer-array problems.
+// A the weight (E x F) transposed, B the layer's rows (E x rows) and C the bias rows. A side that
+// STEPFUSION_SKEW_FORWARD's plan covers goes first; only the others become pointer-array problems.
 bool forward_blaslt(const ContiguousArgs& args, const SkewPairProjectShape& shape, const at::Tensor& pairs_host,
                     at::Tensor& pa, at::Tensor& pb) {
   const int64_t P = shape.pairs, N = shape.samples, E = shape.in_features, F = shape.out_features;
@@ -176,10 +203,10 @@ bool forward_blaslt(const ContiguousArgs& args, const SkewPairProjectShape& shap
   const at::Tensor biases[2] = {args.bias_a, args.bias_b};
   at::Tensor* outputs[2] = {&pa, &pb};
   const auto layers = pairs_host.accessor<int64_t, 2>();
+  const ForwardPlan plan = forward_plan();
   std::vector<int> pointer_sides;
   for (int side = 0; side < 2; ++side) {
-    const std::optional<int64_t> step = use_strided() ? even_step(pairs_host, side) : std::nullopt;
-    if (!step || !forward_side_strided(args, shape, side, layers[0][side], *step, *outputs[side])) {
+    if (!forward_side_without_pointers(args, shape, pairs_host, side, plan, *outputs[side])) {
       pointer_sides.push_back(side);
     }
   }

@@ -38,8 +38,8 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
     shared by the pairs / the two modalities) gets the sum of their contributions, added in a fixed
     order, so the backward is bitwise reproducible. Arithmetic is fp32 (fp64 for fp64 inputs); pa
     and pb have ha's dtype. backend: "auto", "reference", "cpu", "cuda" (cuBLASLt pointer-array GEMMs,
-    the operands read in place; STEPFUSION_SKEW_STRIDED=1 and STEPFUSION_SKEW_WEIGHT_GROUPS=G|auto select
-    its opt-in variants, see the README) or "triton" (with STEPFUSION_SKEW_TRITON_TMA=1, its tiles move by
+    the operands read in place; STEPFUSION_SKEW_FORWARD and STEPFUSION_SKEW_WEIGHT_GROUPS select its
+    opt-in variants, see the README) or "triton" (with STEPFUSION_SKEW_TRITON_TMA=1, its tiles move by
     TMA descriptors where the GPU and shapes allow). Double backward is not supported by the kernel backends
     (use backend="reference" for it).
     """
