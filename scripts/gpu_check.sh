@@ -9,8 +9,9 @@
 #               STEPFUSION_SKEW_TRITON_TMA=1 (its Triton TMA kernels), into $OUT/triton-tma
 #   TESTS       the test files or ids of the GPU stage (default: tests)
 #   VARIANTS_S  (150) the tests of skew_pair_project's opt-in cuBLASLt variants, in a stage of their own
-#               (a variant cuBLASLt mishandles must not take the main stage down), then
-#               scripts/tune_skew_cuda.py: each variant's time against the dense GEMM, into $OUT/tune-skew-cuda
+#               (a variant cuBLASLt mishandles must not take the main stage down)
+#   TUNE_S      (200) scripts/tune_skew_cuda.py: each of those variants timed against the dense GEMM (bf16),
+#               and the host time of a small call, into $OUT/tune-skew-cuda
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,15 +50,21 @@ echo "GPU tests took $((SECONDS - start)) s"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | head -n 60
 
 if [ "${VARIANTS_S:-150}" -gt 0 ]; then
-  echo "== skew_pair_project's opt-in cuBLASLt variants: tests, then timings"
+  echo "== skew_pair_project's opt-in cuBLASLt variants"
   start=$SECONDS
   timeout "$VARIANTS_S" python3 -m pytest -q -rfEs "${parallel[@]}" -k "blaslt_variant" \
     tests/test_skew_pair_project.py > "$OUT/tests-variants.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests-variants.log" | head -n 30
-  timeout "$VARIANTS_S" python3 scripts/tune_skew_cuda.py --out "$OUT/tune-skew-cuda" --profile \
+  echo "variant tests took $((SECONDS - start)) s"
+fi
+if [ "${TUNE_S:-200}" -gt 0 ]; then
+  echo "== the variants timed against the dense GEMM"
+  start=$SECONDS
+  timeout "$TUNE_S" python3 scripts/tune_skew_cuda.py --out "$OUT/tune-skew-cuda" --profile \
     > "$OUT/tune-skew-cuda.log" 2>&1 || status=1
-  tail -n 80 "$OUT/tune-skew-cuda.log"
-  echo "variants took $((SECONDS - start)) s"
+  grep -E "^(host time|failed)" "$OUT/tune-skew-cuda.log"
+  cat "$OUT/tune-skew-cuda/tune_skew_cuda.md" 2>/dev/null
+  echo "timings took $((SECONDS - start)) s"
 fi
 
 if [ "${CPU_TESTS_S:-0}" -gt 0 ]; then
