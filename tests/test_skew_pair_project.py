@@ -81,7 +81,7 @@ BLASLT_VARIANTS = {
     "forward-strided": {"STEPFUSION_SKEW_FORWARD": "strided"},
     "forward-pairs": {"STEPFUSION_SKEW_FORWARD": "pairs"},
     "groups-auto": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "auto"},
-    "groups-2": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "2"},  # uneven groups of 5 or 10 terms
+    "groups-2": {"STEPFUSION_SKEW_WEIGHT_GROUPS": "2"},  # 5 pairs: 10 terms as 5 + 5, or 5 as 2 + 3 with weight_b
     "strided-groups-3": {"STEPFUSION_SKEW_FORWARD": "strided", "STEPFUSION_SKEW_WEIGHT_GROUPS": "3"},
 }
 
