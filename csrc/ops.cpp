@@ -1,6 +1,6 @@
 // Every schema of the stepfusion library, in one place. The kernels register their
-// implementations in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; autograd and fake (meta)
-// implementations are registered from Python (stepfusion_kernels/ops/<op>.py).
+// implementations in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu, their autograd in csrc/autograd.cpp;
+// fake (meta) implementations are registered from Python (stepfusion_kernels/ops/<op>.py).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -197,6 +197,20 @@ def check_deterministic_backward(op, case, backend, device, dtype):
             assert torch.equal(first, second), "backward is not bitwise reproducible"
 
 
+def check_double_backward_raises(op, case, backend, device):
+    """A kernel backend's backward is not differentiable: a second backward through it raises, naming the
+    backward op, instead of treating the first gradient as a constant (silently wrong second derivatives)."""
+    test_kwargs, _ = prepare_inputs(case, seeded_generator(case.name, "double backward"), torch.float32, device)
+    outputs = as_tuple(op.fn(**test_kwargs, backend=backend))
+    sources = [v for v in test_kwargs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    # Squared, so that the true second derivative is nonzero.
+    grads = torch.autograd.grad([(o.float() ** 2).sum() for o in outputs if o.requires_grad], sources,
+                                create_graph=True, allow_unused=True)
+    second_order = sum(g.float().sum() for g in grads if g is not None and g.requires_grad)
+    with pytest.raises(RuntimeError, match=r"stepfusion[.:]+\w+_backward"):
+        second_order.backward()
+
+
 def check_backend_selection_errors(fn, make_kwargs):
     """The errors of backend choice every op shares: an unknown backend, a dtype the backend lacks
     (float16 on the cpu backend), and the cuda backend asked for with CPU tensors."""

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
+from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params, check_against_reference,
+                     check_backend_selection_errors, check_deterministic_backward, check_double_backward_raises,
                      kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.cohort_mutual_loss, ref=python_ref.cohort_mutual_loss)
@@ -138,6 +138,12 @@ def test_no_students_gives_empty_output(kind, backend, device):
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_is_bitwise_reproducible(kind, backend, device):
     check_deterministic_backward(OP, make_case(6, 70, 40, kind), backend, device, torch.float32)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_double_backward_raises(kind, backend, device):
+    check_double_backward_raises(OP, make_case(3, 5, 4, kind), backend, device)
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")

@@ -3,9 +3,9 @@ import torch
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_backend_selection_errors, check_deterministic_backward, check_empty,
-                     kernel_op_params, randn, seeded_generator)
+from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params, check_against_reference,
+                     check_backend_selection_errors, check_deterministic_backward, check_double_backward_raises,
+                     check_empty, kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.shift_expand, ref=python_ref.shift_expand)
 ALL_OPTIONAL = ("scale_local", "shift_local", "scale_global", "shift_global", "gate", "weight", "bias")
@@ -61,6 +61,11 @@ def test_empty_inputs_give_empty_outputs(shape, backend, device):
 @pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
 def test_backward_is_bitwise_reproducible(backend, device):
     check_deterministic_backward(OP, make_case(3, 70, 40), backend, device, torch.float32)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+def test_double_backward_raises(backend, device):
+    check_double_backward_raises(OP, make_case(2, 5, 8), backend, device)
 
 
 def _op_samples(dtype, device="cpu"):

@@ -4,8 +4,8 @@ import torch
 import python_ref
 import stepfusion_kernels as sk
 from harness import (Case, HAS_CUDA, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_backend_selection_errors, check_deterministic_backward, check_empty,
-                     kernel_op_params, randn, seeded_generator)
+                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
+                     check_double_backward_raises, check_empty, kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.skew_pair_project, ref=python_ref.skew_pair_project)
 REPEATED = ((0, 1), (4, 3), (0, 1), (2, 0), (4, 1))  # pair 0 and 2 repeat; A layer 4 and B layer 1 twice
@@ -263,6 +263,13 @@ def test_backward_is_bitwise_reproducible(per_pair, backend, device):
     pairs = ((0, 1), (1, 1), (0, 1), (0, 0), (1, 1), (0, 2))  # layers hit by up to three pairs
     case = make_case(2, 3, 150, 24, 20, pairs=pairs, per_pair=per_pair)
     check_deterministic_backward(OP, case, backend, device, torch.float32)
+
+
+@pytest.mark.parametrize("per_pair", [False, True])
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+def test_double_backward_raises(per_pair, backend, device):
+    check_double_backward_raises(OP, make_case(2, 3, 5, 8, 6, pairs=((0, 1), (1, 0)), per_pair=per_pair), backend,
+                                 device)
 
 
 @NEEDS_GPU

@@ -38,8 +38,8 @@ def guidance_attention(q, k, v, k_global=None, v_global=None, window=-1, scale=N
     logsumexp; the global-token gradients are reduced in a fixed order (bitwise reproducible).
     Lk may be 0 when global tokens are given. The cuda and triton backends take Dh in
     {16, 32, 64, 128}; the cpu backend any Dh. backend: "auto", "reference", "cpu", "cuda" or "triton"
-    (see `stepfusion_kernels.backends()`). Double backward is not supported by the kernel backends (use
-    backend="reference" for it).
+    (see `stepfusion_kernels.backends()`). Double backward is not supported by the kernel backends: it raises
+    RuntimeError (use backend="reference" for it).
     """
     scale = _check_arguments(q, k, v, k_global, v_global, window, scale)
     backend = resolve_backend(OP, backend, q.device, GPU_ORDER)

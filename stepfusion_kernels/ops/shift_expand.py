@@ -33,7 +33,7 @@ def shift_expand(x, scale_local=None, shift_local=None, scale_global=None, shift
     Gradients reach every tensor argument (global ones summed over L; gate, weight, bias over B and L).
     Arithmetic is fp32 (fp64 for fp64 inputs); y has x's dtype. backend: "auto", "reference", "cpu",
     "cuda" or "triton" (see `stepfusion_kernels.backends()`). Double backward is not supported by the
-    kernel backends (use backend="reference" for it).
+    kernel backends: it raises RuntimeError (use backend="reference" for it).
     """
     _check_arguments(x, scale_local, shift_local, scale_global, shift_global, gate, weight, bias, eps)
     backend = resolve_backend(OP, backend, x.device, GPU_ORDER)

@@ -41,7 +41,7 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
     the operands read in place; STEPFUSION_SKEW_FORWARD and STEPFUSION_SKEW_WEIGHT_GROUPS select its
     opt-in variants, see the README) or "triton" (with STEPFUSION_SKEW_TRITON_TMA=1, its tiles move by
     TMA descriptors where the GPU and shapes allow). Double backward is not supported by the kernel backends
-    (use backend="reference" for it).
+    (it raises RuntimeError; use backend="reference" for it).
     """
     _check_arguments(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b)
     backend = resolve_backend(OP, backend, ha.device, GPU_ORDER)
