@@ -12,6 +12,7 @@
 #               (a variant cuBLASLt mishandles must not take the main stage down)
 #   TUNE_S      (200) scripts/tune_skew_cuda.py: each of those variants timed against the dense GEMM (bf16),
 #               and the host time of a small call, into $OUT/tune-skew-cuda
+#   HOST_S      (60) scripts/host_time.py on the GPU: every op's time per call at tiny shapes, cuda and triton
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +66,12 @@ if [ "${TUNE_S:-200}" -gt 0 ]; then
   grep -E "^(host time|failed)" "$OUT/tune-skew-cuda.log"
   cat "$OUT/tune-skew-cuda/tune_skew_cuda.md" 2>/dev/null
   echo "timings took $((SECONDS - start)) s"
+fi
+
+if [ "${HOST_S:-60}" -gt 0 ]; then
+  echo "== time per call at tiny shapes (host-bound)"
+  timeout "$HOST_S" python3 scripts/host_time.py --device cuda --calls 300 --repeats 3 > "$OUT/host-time.txt" 2>&1 || status=1
+  cat "$OUT/host-time.txt"
 fi
 
 if [ "${CPU_TESTS_S:-0}" -gt 0 ]; then
