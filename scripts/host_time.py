@@ -5,7 +5,10 @@ there is: forward without autograd, forward with autograd, and forward + backwar
     python scripts/host_time.py --device cuda --backends cuda triton
 
 Each figure is the best of --repeats runs of --calls calls, in microseconds; on a GPU each run ends with a
-synchronize, so a figure is the larger of host and GPU time per call."""
+synchronize, so a figure is the larger of host and GPU time per call. The best, not the benchmark harness's
+median (stepfusion_kernels.bench): host time is what is measured here, and the minimum is the figure least
+disturbed by the machine's other work (three alternated before/after runs with the harness's median
+scattered by up to 1.9x on a 2-core machine, best-of-9 by 6%)."""
 
 import argparse
 import time
