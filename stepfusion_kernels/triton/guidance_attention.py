@@ -89,43 +89,59 @@ def _fold(q, key, value, allowed, row_max, row_sum, acc, qk_scale, DOT_DTYPE: tl
 
 
 @triton.jit
+def _tile(begin, length, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows [begin, begin + BLOCK) of a (length x HEAD_DIM) row-major matrix: their indices, which of them
+    exist, and the offsets of their elements (64-bit: length x HEAD_DIM may pass 2^31)."""
+    index = begin + tl.arange(0, BLOCK)
+    offsets = index[:, None].to(tl.int64) * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    return index, index < length, offsets
+
+
+@triton.jit
+def _load(ptr, offsets, ok, DOT_DTYPE: tl.constexpr):
+    """The rows at `offsets`, zeros where not `ok`, as operands of the dot products."""
+    return tl.load(ptr + offsets, mask=ok[:, None], other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, kg_ptr, vg_ptr, out_ptr, lse_ptr, len_q, len_k, globals_, window,
                     qk_scale, BANDED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     block_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    q_ptr += bh * len_q * HEAD_DIM  # this program's (batch, head) slices
+    out_ptr += bh * len_q * HEAD_DIM
+    lse_ptr += bh * len_q
+    k_ptr += bh * len_k * HEAD_DIM
+    v_ptr += bh * len_k * HEAD_DIM
+    kg_ptr += bh * globals_ * HEAD_DIM
+    vg_ptr += bh * globals_ * HEAD_DIM
     q_begin = block_m * BLOCK_M
-    rows = q_begin + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    row_ok = rows < len_q
-    row_offsets = bh * len_q * HEAD_DIM + rows[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
-    q = tl.load(q_ptr + row_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+    rows, row_ok, row_offsets = _tile(q_begin, len_q, BLOCK_M, HEAD_DIM)
+    q = _load(q_ptr, row_offsets, row_ok, DOT_DTYPE)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     first, end = _key_span(q_begin, tl.minimum(q_begin + BLOCK_M, len_q), len_q, len_k, window, BANDED, BLOCK_N)
     for k_begin in range(first, end, BLOCK_N):
-        cols = k_begin + tl.arange(0, BLOCK_N)
-        offsets = bh * len_k * HEAD_DIM + cols[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
-        key = tl.load(k_ptr + offsets, mask=(cols < len_k)[:, None], other=0.0).to(DOT_DTYPE)
-        value = tl.load(v_ptr + offsets, mask=(cols < len_k)[:, None], other=0.0).to(DOT_DTYPE)
+        cols, col_ok, offsets = _tile(k_begin, len_k, BLOCK_N, HEAD_DIM)
+        key = _load(k_ptr, offsets, col_ok, DOT_DTYPE)
+        value = _load(v_ptr, offsets, col_ok, DOT_DTYPE)
         row_max, row_sum, acc = _fold(q, key, value, _band(rows, cols, len_q, len_k, window, BANDED), row_max,
                                       row_sum, acc, qk_scale, DOT_DTYPE, PRECISION)
 
     for g_begin in range(0, globals_, BLOCK_N):
-        tokens = g_begin + tl.arange(0, BLOCK_N)
-        token_ok = tokens < globals_
-        offsets = bh * globals_ * HEAD_DIM + tokens[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
-        key = tl.load(kg_ptr + offsets, mask=token_ok[:, None], other=0.0).to(DOT_DTYPE)
-        value = tl.load(vg_ptr + offsets, mask=token_ok[:, None], other=0.0).to(DOT_DTYPE)
+        tokens, token_ok, offsets = _tile(g_begin, globals_, BLOCK_N, HEAD_DIM)
+        key = _load(kg_ptr, offsets, token_ok, DOT_DTYPE)
+        value = _load(vg_ptr, offsets, token_ok, DOT_DTYPE)
         row_max, row_sum, acc = _fold(q, key, value, token_ok[None, :], row_max, row_sum, acc, qk_scale,
                                       DOT_DTYPE, PRECISION)
 
     # Rows past Lq never see a key; a sum of 1 there keeps them finite (they are not stored).
     row_sum = tl.where(row_sum > 0, row_sum, 1.0)
     tl.store(out_ptr + row_offsets, (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + bh * len_q + rows, (row_max + tl.log2(row_sum)) * LN2, mask=row_ok)
+    tl.store(lse_ptr + rows, (row_max + tl.log2(row_sum)) * LN2, mask=row_ok)
 
 
 @triton.jit
@@ -136,25 +152,28 @@ def _backward_key_kernel(q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_p
     transposed (keys x queries) so that both products accumulate into (keys x Dh) tiles."""
     block_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    q_ptr += bh * len_q * HEAD_DIM  # this program's (batch, head) slices
+    dout_ptr += bh * len_q * HEAD_DIM
+    lse_ptr += bh * len_q
+    delta_ptr += bh * len_q
+    k_ptr += bh * len_k * HEAD_DIM
+    v_ptr += bh * len_k * HEAD_DIM
+    dk_ptr += bh * len_k * HEAD_DIM
+    dv_ptr += bh * len_k * HEAD_DIM
     k_begin = block_n * BLOCK_N
-    cols = k_begin + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
-    col_ok = cols < len_k
-    key_offsets = bh * len_k * HEAD_DIM + cols[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
-    key = tl.load(k_ptr + key_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
-    value = tl.load(v_ptr + key_offsets, mask=col_ok[:, None], other=0.0).to(DOT_DTYPE)
+    cols, col_ok, key_offsets = _tile(k_begin, len_k, BLOCK_N, HEAD_DIM)
+    key = _load(k_ptr, key_offsets, col_ok, DOT_DTYPE)
+    value = _load(v_ptr, key_offsets, col_ok, DOT_DTYPE)
     grad_key = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     grad_value = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
     first, end = _query_span(k_begin, tl.minimum(k_begin + BLOCK_N, len_k), len_q, len_k, window, BANDED, BLOCK_M)
     for q_begin in range(first, end, BLOCK_M):
-        rows = q_begin + tl.arange(0, BLOCK_M)
-        row_ok = rows < len_q
-        row_offsets = bh * len_q * HEAD_DIM + rows[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
-        q = tl.load(q_ptr + row_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-        dout = tl.load(dout_ptr + row_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-        lse = tl.load(lse_ptr + bh * len_q + rows, mask=row_ok, other=0.0) * LOG2E
-        delta = tl.load(delta_ptr + bh * len_q + rows, mask=row_ok, other=0.0)
+        rows, row_ok, row_offsets = _tile(q_begin, len_q, BLOCK_M, HEAD_DIM)
+        q = _load(q_ptr, row_offsets, row_ok, DOT_DTYPE)
+        dout = _load(dout_ptr, row_offsets, row_ok, DOT_DTYPE)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         scores_t = tl.dot(key, tl.trans(q), input_precision=PRECISION) * qk_scale
         allowed_t = col_ok[:, None] & row_ok[None, :]
         if BANDED:
@@ -179,45 +198,47 @@ def _backward_query_kernel(q_ptr, k_ptr, v_ptr, kg_ptr, vg_ptr, dout_ptr, lse_pt
     partial[bh, block, 0 (dk_global) or 1 (dv_global), g, :]."""
     block_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    q_ptr += bh * len_q * HEAD_DIM  # this program's (batch, head) slices
+    dout_ptr += bh * len_q * HEAD_DIM
+    dq_ptr += bh * len_q * HEAD_DIM
+    lse_ptr += bh * len_q
+    delta_ptr += bh * len_q
+    k_ptr += bh * len_k * HEAD_DIM
+    v_ptr += bh * len_k * HEAD_DIM
+    kg_ptr += bh * globals_ * HEAD_DIM
+    vg_ptr += bh * globals_ * HEAD_DIM
+    partial_ptr += (bh * tl.num_programs(0) + block_m) * 2 * globals_ * HEAD_DIM
     q_begin = block_m * BLOCK_M
-    rows = q_begin + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    row_ok = rows < len_q
-    row_offsets = bh * len_q * HEAD_DIM + rows[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
-    q = tl.load(q_ptr + row_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-    dout = tl.load(dout_ptr + row_offsets, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-    lse = tl.load(lse_ptr + bh * len_q + rows, mask=row_ok, other=0.0) * LOG2E
-    delta = tl.load(delta_ptr + bh * len_q + rows, mask=row_ok, other=0.0)
+    rows, row_ok, row_offsets = _tile(q_begin, len_q, BLOCK_M, HEAD_DIM)
+    q = _load(q_ptr, row_offsets, row_ok, DOT_DTYPE)
+    dout = _load(dout_ptr, row_offsets, row_ok, DOT_DTYPE)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
     grad_q = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     first, end = _key_span(q_begin, tl.minimum(q_begin + BLOCK_M, len_q), len_q, len_k, window, BANDED, BLOCK_N)
     for k_begin in range(first, end, BLOCK_N):
-        cols = k_begin + tl.arange(0, BLOCK_N)
-        offsets = bh * len_k * HEAD_DIM + cols[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
-        key = tl.load(k_ptr + offsets, mask=(cols < len_k)[:, None], other=0.0).to(DOT_DTYPE)
-        value = tl.load(v_ptr + offsets, mask=(cols < len_k)[:, None], other=0.0).to(DOT_DTYPE)
+        cols, col_ok, offsets = _tile(k_begin, len_k, BLOCK_N, HEAD_DIM)
+        key = _load(k_ptr, offsets, col_ok, DOT_DTYPE)
+        value = _load(v_ptr, offsets, col_ok, DOT_DTYPE)
         scores = tl.dot(q, tl.trans(key), input_precision=PRECISION) * qk_scale
         allowed = _band(rows, cols, len_q, len_k, window, BANDED)
         p = tl.where(allowed, tl.exp2(scores - lse[:, None]), 0.0)
         ds = p * (tl.dot(dout, tl.trans(value), input_precision=PRECISION) - delta[:, None])
         grad_q += tl.dot(ds.to(DOT_DTYPE), key, input_precision=PRECISION)
 
-    partial_base = (bh * tl.num_programs(0) + block_m) * 2 * globals_ * HEAD_DIM
     for g_begin in range(0, globals_, BLOCK_N):
-        tokens = g_begin + tl.arange(0, BLOCK_N)
-        token_ok = tokens < globals_
-        offsets = tokens[:, None].to(tl.int64) * HEAD_DIM + dims[None, :]
-        key = tl.load(kg_ptr + bh * globals_ * HEAD_DIM + offsets, mask=token_ok[:, None], other=0.0).to(DOT_DTYPE)
-        value = tl.load(vg_ptr + bh * globals_ * HEAD_DIM + offsets, mask=token_ok[:, None],
-                        other=0.0).to(DOT_DTYPE)
+        tokens, token_ok, offsets = _tile(g_begin, globals_, BLOCK_N, HEAD_DIM)
+        key = _load(kg_ptr, offsets, token_ok, DOT_DTYPE)
+        value = _load(vg_ptr, offsets, token_ok, DOT_DTYPE)
         scores = tl.dot(q, tl.trans(key), input_precision=PRECISION) * qk_scale
         p = tl.where(row_ok[:, None] & token_ok[None, :], tl.exp2(scores - lse[:, None]), 0.0)
         ds = p * (tl.dot(dout, tl.trans(value), input_precision=PRECISION) - delta[:, None])
         grad_q += tl.dot(ds.to(DOT_DTYPE), key, input_precision=PRECISION)
         grad_key = tl.dot(tl.trans(ds.to(DOT_DTYPE)), q, input_precision=PRECISION) * scale
         grad_value = tl.dot(tl.trans(p.to(DOT_DTYPE)), dout, input_precision=PRECISION)
-        tl.store(partial_ptr + partial_base + offsets, grad_key, mask=token_ok[:, None])
-        tl.store(partial_ptr + partial_base + globals_ * HEAD_DIM + offsets, grad_value, mask=token_ok[:, None])
+        tl.store(partial_ptr + offsets, grad_key, mask=token_ok[:, None])
+        tl.store(partial_ptr + globals_ * HEAD_DIM + offsets, grad_value, mask=token_ok[:, None])
 
     tl.store(dq_ptr + row_offsets, (grad_q * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
