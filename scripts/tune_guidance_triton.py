@@ -1,8 +1,11 @@
 """Times the Triton guidance_attention kernels over tile settings at one workload (default: the issue's goal
 shape, B2 H8 L8192 window 128 G16 Dh64 bf16), forward and forward+backward, and checks every setting's
-outputs and gradients against the current default. GPU only. Usage: python scripts/tune_guidance_triton.py"""
+outputs and gradients against the current default. GPU only.
 
-import sys
+    python scripts/tune_guidance_triton.py                       # the goal shape, bfloat16
+    python scripts/tune_guidance_triton.py --dtype float32 --head-dim 128"""
+
+import argparse
 
 import torch
 import triton.testing
@@ -11,14 +14,23 @@ import stepfusion_kernels as sk
 from stepfusion_kernels.triton import guidance_attention as kernels
 
 CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 2, 3), (128, 64, 8, 2),
-           (64, 128, 4, 2), (128, 128, 8, 2), (32, 128, 4, 3), (128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)]
+           (64, 128, 4, 2), (128, 128, 8, 2), (32, 128, 4, 3), (128, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3),
+           (32, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)]  # the last four: float32's candidates
 
 
-def main(batch=2, heads=8, length=8192, window=128, globals_=16, head_dim=64):
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in (("batch", 2), ("heads", 8), ("length", 8192), ("window", 128), ("globals", 16),
+                          ("head-dim", 64)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+    args = parser.parse_args()
+    batch, heads, length, window, head_dim = args.batch, args.heads, args.length, args.window, args.head_dim
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    tensors = [torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for n in (length, length, length, globals_, globals_)]
-    upstream = torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16)
+    tensors = [torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+               for n in (length, length, length, args.globals, args.globals)]
+    upstream = torch.randn(batch, heads, length, head_dim, device="cuda", dtype=dtype)
 
     def run():
         return sk.guidance_attention(*tensors, window=window, backend="triton")
@@ -26,11 +38,11 @@ def main(batch=2, heads=8, length=8192, window=128, globals_=16, head_dim=64):
     def run_backward():
         return torch.autograd.grad(run(), tensors, upstream)
 
-    default = kernels._blocks()
+    default = kernels._blocks(dtype, head_dim)
     reference = None
     print(f"{'BLOCK_M, BLOCK_N, warps, stages':34} {'fwd ms':>8} {'fwd+bwd ms':>11} {'max rel diff':>13}")
     for config in [default] + [c for c in CONFIGS if c != default]:
-        kernels._blocks = lambda config=config: config
+        kernels._blocks = lambda *_, config=config: config
         try:
             results = [run().detach()] + list(run_backward())
         except Exception as error:  # a setting that does not fit (shared memory) is reported, not fatal
@@ -47,4 +59,4 @@ def main(batch=2, heads=8, length=8192, window=128, globals_=16, head_dim=64):
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:]))
+    main()

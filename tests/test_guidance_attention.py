@@ -3,6 +3,7 @@ import torch
 
 import python_ref
 import stepfusion_kernels as sk
+from stepfusion_kernels._backend import triton_interpreted
 from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params, check_against_reference,
                      check_backend_selection_errors, check_deterministic_backward, check_double_backward_raises,
                      check_empty, kernel_op_params, prepare_inputs, randn, seeded_generator)
@@ -233,6 +234,23 @@ def test_triton_rejects_unsupported_head_dims():
     kwargs = {name: (t[..., :12] if isinstance(t, torch.Tensor) else t) for name, t in _good().items()}
     with pytest.raises(ValueError, match="head dim"):
         sk.guidance_attention(**kwargs, backend="triton")
+
+
+def _gpu_tiles():
+    from stepfusion_kernels.triton import guidance_attention as kernels
+    return sorted({*kernels.FP32_BLOCKS.values(), (64, 64)})
+
+
+@pytest.mark.skipif(not triton_interpreted() or "triton" not in sk.backends(),
+                    reason="on a GPU the other tests run the GPU tiles themselves")
+@pytest.mark.parametrize("blocks", _gpu_tiles() if "triton" in sk.backends() else [], ids=str)
+@pytest.mark.parametrize("case", [make_case(1, 2, 70, 150, 16, 7, 3), make_case(1, 2, 150, 70, 32, 7, 1),
+                                  make_case(1, 1, 129, 33, 16, 1, -1)], ids=str)
+def test_triton_gpu_tiles_in_the_interpreter(blocks, case, monkeypatch):
+    # The interpreter's own tiles are 16 x 16; the band's block arithmetic must hold for the GPU's as well.
+    from stepfusion_kernels.triton import guidance_attention as kernels
+    monkeypatch.setattr(kernels, "_blocks", lambda dtype, head_dim: (*blocks, 1, 1))
+    check_against_reference(OP, case, "triton", "cpu", torch.float32)
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")

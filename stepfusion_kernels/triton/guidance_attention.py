@@ -19,11 +19,20 @@ LOG2E = tl.constexpr(LOG2E_HOST)  # the kernels' own copies: a Triton kernel rea
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-def _blocks():
+# float32 dot products run in IEEE precision on the FMA units, operands and products in registers: 64 x 64
+# tiles spill 1-23 KB per thread on an H100. These compile for sm_90 without spilling (16 bytes in one kernel
+# at Dh 128), by scripts/compile_triton.py; their speed against 64 x 64 has not been timed on a GPU yet.
+FP32_BLOCKS = {16: (16, 64), 32: (16, 64), 64: (16, 64), 128: (16, 16)}
+
+
+def _blocks(dtype, head_dim):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): small tiles under the interpreter, where they keep
-    several blocks (and the band skipping) in play on test-sized inputs."""
+    several blocks (and the band skipping) in play on test-sized inputs; on a GPU, 64 x 64 tensor-core tiles
+    for 16-bit inputs and FP32_BLOCKS for float32."""
     if triton_interpreted():
         return 16, 16, 1, 1
+    if dtype == torch.float32:
+        return *FP32_BLOCKS[head_dim], 4, 2
     return 64, 64, 4, 2
 
 
@@ -271,7 +280,7 @@ def forward(q, k, v, k_global, v_global, window, scale):
     if batch * heads * len_q == 0:
         return out, lse
     settings = _settings(q, window)
-    block_m, block_n, num_warps, num_stages = _blocks()
+    block_m, block_n, num_warps, num_stages = _blocks(q.dtype, q.shape[-1])
     _forward_kernel[(triton.cdiv(len_q, block_m), batch * heads)](
         q, k, v, k_global, v_global, out, lse, len_q, len_k, globals_, window, scale * LOG2E_HOST,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **settings)
@@ -294,7 +303,7 @@ def backward(grad_out, q, k, v, k_global, v_global, out, lse, window, scale):
     grad_q = torch.empty_like(q)
     grad_k = torch.empty_like(k)  # every row is written, zeros where no query reaches it
     grad_v = torch.empty_like(v)
-    block_m, block_n, num_warps, num_stages = _blocks()
+    block_m, block_n, num_warps, num_stages = _blocks(q.dtype, head_dim)
     query_blocks = triton.cdiv(len_q, block_m)
     partial = torch.zeros((batch * heads, query_blocks, 2, globals_, head_dim), device=q.device,
                           dtype=torch.float32)
