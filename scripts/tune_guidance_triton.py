@@ -3,7 +3,7 @@ shape, B2 H8 L8192 window 128 G16 Dh64 bf16), forward and forward+backward, and 
 outputs and gradients against the current default. GPU only.
 
     python scripts/tune_guidance_triton.py                       # the goal shape, bfloat16
-    python scripts/tune_guidance_triton.py --dtype float32 --head-dim 128"""
+    python scripts/tune_guidance_triton.py --dtype float32 --head-dim 128 --configs 64,64,4,2 16,16,4,2"""
 
 import argparse
 
@@ -24,6 +24,8 @@ def main():
                           ("head-dim", 64)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--configs", nargs="+", metavar="M,N,WARPS,STAGES",
+                        help="the settings to time besides the default (default: CONFIGS)")
     args = parser.parse_args()
     batch, heads, length, window, head_dim = args.batch, args.heads, args.length, args.window, args.head_dim
     dtype = getattr(torch, args.dtype)
@@ -41,7 +43,8 @@ def main():
     default = kernels._blocks(dtype, head_dim)
     reference = None
     print(f"{'BLOCK_M, BLOCK_N, warps, stages':34} {'fwd ms':>8} {'fwd+bwd ms':>11} {'max rel diff':>13}")
-    for config in [default] + [c for c in CONFIGS if c != default]:
+    configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs else CONFIGS
+    for config in [default] + [c for c in configs if c != default]:
         kernels._blocks = lambda *_, config=config: config
         try:
             results = [run().detach()] + list(run_backward())
