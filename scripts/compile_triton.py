@@ -48,10 +48,12 @@ class Compiled:
 
 class CompileOnlyDriver:
     """A Triton driver for a GPU that is not there: it names the target, and its benchmarker runs each
-    autotune config once (which compiles it) and reports the same time for all."""
+    autotune config once (which compiles it) and reports the same time for all. The autotuner would take a
+    config that fails to compile for a slow one and go on; `on_failure(error)` hears of it first."""
 
-    def __init__(self, target):
+    def __init__(self, target, on_failure):
         self.target = target
+        self.on_failure = on_failure
 
     def is_active(self):
         return True
@@ -70,7 +72,11 @@ class CompileOnlyDriver:
 
     def get_benchmarker(self):
         def compile_each(call, quantiles=None, **_):
-            call()
+            try:
+                call()
+            except Exception as error:
+                self.on_failure(error)
+                raise
             return [1.0, 1.0, 1.0]
         return compile_each
 
@@ -94,6 +100,7 @@ class Recorder:
     def __init__(self, arch):
         self.arch = arch
         self.compiled = []
+        self.failures = []  # (case, error)
         self.case = ""
         self.tuning = False
 
@@ -126,8 +133,11 @@ class Recorder:
         JITFunction.run = run
         Autotuner.run = tune
         torch.cuda.get_device_capability = lambda device=None: divmod(self.arch, 10)
-        driver.set_active(CompileOnlyDriver(GPUTarget("cuda", self.arch, 32)))
+        driver.set_active(CompileOnlyDriver(GPUTarget("cuda", self.arch, 32), self.fail))
         return self
+
+    def fail(self, error):
+        self.failures.append((self.case, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"))
 
     def __exit__(self, *_):
         JITFunction.run, Autotuner.run, torch.cuda.get_device_capability = self.saved
@@ -231,7 +241,6 @@ def main():
     parser.add_argument("--out", help="also write the table to this Markdown file")
     args = parser.parse_args()
 
-    failures = []
     with Recorder(args.arch) as recorder:
         for case, run in cases(args.quick):
             recorder.case = case
@@ -239,7 +248,8 @@ def main():
             try:
                 run()
             except Exception as error:  # noqa: BLE001  (every failure is reported, then the run fails)
-                failures.append((case, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+                recorder.fail(error)
+    failures = recorder.failures
     text = report(recorder.compiled, failures, args.arch)
     print(text)
     if args.out:
