@@ -19,9 +19,9 @@ LOG2E = tl.constexpr(LOG2E_HOST)  # the kernels' own copies: a Triton kernel rea
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-# float32 dot products run in IEEE precision on the FMA units, operands and products in registers: 64 x 64
-# tiles spill 1-23 KB per thread on an H100. These compile for sm_90 without spilling (16 bytes in one kernel
-# at Dh 128), by scripts/compile_triton.py; their speed against 64 x 64 has not been timed on a GPU yet.
+# float32 dot products run in IEEE precision on the FMA units, operands and products in registers: compiled
+# for sm_90, 64 x 64 tiles spill up to 23 KB per thread (1.3-9 KB at Dh 64). These tiles spill nothing (16
+# bytes in one kernel at Dh 128; scripts/compile_triton.py). Not yet timed against 64 x 64 on a GPU.
 FP32_BLOCKS = {16: (16, 64), 32: (16, 64), 64: (16, 64), 128: (16, 16)}
 
 
