@@ -18,7 +18,7 @@ SCRIPT = os.path.join(ROOT, "scripts", "compile_triton.py")
 def test_every_triton_kernel_compiles_for_sm90_within_its_registers_and_shared_memory(tmp_path):
     table = tmp_path / "compiled.md"
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))  # this checkout
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))  # this checkout's package
     result = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", str(table)], env=env, capture_output=True,
                             text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
