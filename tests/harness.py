@@ -74,10 +74,13 @@ def kernel_op_params(op):
     return params
 
 
-def backend_dtype_params():
+def backend_dtype_params(only=None):
+    """(backend, device, dtype) triples over backend_params(), or over the backends named in `only`."""
     params = []
     for param in backend_params():
         backend, device = param.values
+        if only is not None and backend not in only:
+            continue
         for dtype in DTYPES[backend]:
             short = str(dtype).replace("torch.", "")
             params.append(pytest.param(backend, device, dtype, id=f"{param.id}-{short}", marks=param.marks))

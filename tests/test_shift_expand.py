@@ -175,3 +175,33 @@ def test_large_rows_use_64_bit_offsets():
         expected = python_ref.shift_expand(x[:, -2:].double())
         torch.testing.assert_close(y[:, -2:].double(), expected, rtol=2e-2, atol=2e-2)
         del y
+
+
+# Chunks of 16 (the chunked_rows fixture): D = 33 ends in a partial chunk, D = 64 in a whole one; L = 65 has
+# several backward tiles. The interpreter is slow per chunk, so the 16-bit dtypes take one case.
+CHUNKED_CASES = [
+    make_case(2, 17, 33),
+    make_case(1, 1, 1),
+    make_case(1, 33, 64, present=()),
+    make_case(2, 17, 33, present=("scale_local", "shift_local")),
+    make_case(2, 17, 33, present=("scale_global", "shift_global")),
+    make_case(2, 17, 33, present=("scale_local", "shift_global", "weight")),
+    make_case(3, 6, 16, present=("gate", "weight", "bias"), eps=1e-3),
+    make_case(2, 17, 33, noncontiguous=("x", "scale_local", "shift_local", "scale_global", "gate", "weight")),
+    make_case(1, 65, 20),
+]
+
+
+@pytest.mark.parametrize(("case", "backend", "device", "dtype"), [
+    pytest.param(case, *param.values, id=f"{case}-{param.id}", marks=param.marks)
+    for param in backend_dtype_params(only=("triton",))
+    for case in (CHUNKED_CASES if param.values[2] == torch.float32 else CHUNKED_CASES[:1])])
+def test_triton_chunked_rows_match_reference(case, backend, device, dtype, chunked_rows):
+    check_against_reference(OP, case, backend, device, dtype)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] == "triton"])
+def test_triton_rows_wider_than_one_block(backend, device):
+    # Past FUSED_MAX (8192) a row is no longer held whole; before the chunked kernels, rows past 65536 were
+    # refused. 70001 channels: 69 chunks of 1024, the last one partial.
+    check_against_reference(OP, make_case(1, 3, 70001), backend, device, torch.float32)

@@ -5,16 +5,27 @@ import triton.language as tl
 
 from .._backend import triton_interpreted
 
-MAX_FUSED_BLOCK = 65536  # widest row kept in registers by one program
+# The widest row that one program holds in registers whole. Compiled for sm_90 (scripts/compile_triton.py),
+# the whole-row kernels of shift_expand and cohort_mutual_loss spill at most 1.1 KB per thread up to here (the
+# backward at 8192) and several KB beyond (3-13 KB at 16384-65536); wider rows go to kernels that loop over the
+# row in chunks of CHUNK, which spill nothing and take any width. Neither side has been timed at the switch.
+FUSED_MAX = 8192
+CHUNK = 1024
 
 
-def row_block(dim, op):
-    """The power-of-two block that holds a whole row of `dim` channels, and the warps to run it."""
-    block = triton.next_power_of_2(max(dim, 1))
-    if block > MAX_FUSED_BLOCK:
-        raise ValueError(f"{op} (triton backend): D must be at most {MAX_FUSED_BLOCK}, got {dim}")
-    num_warps = 1 if triton_interpreted() else min(max(block // 256, 1), 16)
-    return block, num_warps
+def row_block(dim):
+    """(block, num_warps, whole_row): a power-of-two block holding the whole row of `dim` channels when
+    dim <= FUSED_MAX (whole_row True), else one chunk of a row that the kernel loops over."""
+    whole_row = dim <= FUSED_MAX
+    if whole_row:
+        block = triton.next_power_of_2(max(dim, 1))
+        num_warps = min(max(block // 256, 1), 16)
+    else:  # 4 channels per thread: the chunked shift_expand backward keeps more live than the whole-row one
+        block = CHUNK
+        num_warps = min(max(block // 128, 1), 16)
+    if triton_interpreted():
+        num_warps = 1
+    return block, num_warps, whole_row
 
 
 @triton.jit

@@ -1,6 +1,10 @@
 """Triton kernels of `shift_expand`: a one-pass forward (one program per row) and a backward whose
 programs each own up to ROWS rows of one sample, writing per-program partial sums that a second,
-deterministic pass (torch.sum, no atomics) reduces into the gate/weight/bias and global gradients."""
+deterministic pass (torch.sum, no atomics) reduces into the gate/weight/bias and global gradients.
+
+Rows of up to FUSED_MAX channels stay in registers whole. Wider rows go to the `_wide` kernels, which loop
+over a row in chunks and read it twice: the forward once for the statistics and once for y, the backward
+once for each row's two sums (c1, c2) and once for the gradients."""
 
 import torch
 import triton
@@ -56,14 +60,112 @@ def _forward_kernel(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, s
     mean = tl.sum(h, axis=0) / dim
     centred = tl.where(mask, h - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / dim + eps)
-    y = centred * rstd
+    _store_y(y_ptr, weight_ptr, bias_ptr, offs, cols, mask, centred * rstd, HAS_WEIGHT, HAS_BIAS)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _wide_forward_kernel(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr, gate_ptr,
+                         weight_ptr, bias_ptr, y_ptr, mean_ptr, rstd_ptr, length, dim, eps,
+                         HAS_SCALE_LOCAL: tl.constexpr, HAS_SHIFT_LOCAL: tl.constexpr,
+                         HAS_SCALE_GLOBAL: tl.constexpr, HAS_SHIFT_GLOBAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_forward_kernel for rows wider than one block, chunk by chunk."""
+    row = tl.program_id(0).to(tl.int64)
+    sample = row // length
+    # Pass 1: every chunk's own mean and sum of squared deviations (two-pass within the chunk, in registers),
+    # merged into the row's by Chan et al.'s update, so no sum of squares of large values ever cancels.
+    count = 0.0
+    mean = 0.0
+    squares = 0.0
+    for start in range(0, dim, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        mask = cols < dim
+        _, _, _, h, _ = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr, gate_ptr,
+                               row * dim + cols, sample * dim + cols, cols, mask, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL,
+                               HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL, HAS_GATE)
+        chunk_count = tl.minimum(dim - start, BLOCK_D).to(tl.float32)
+        chunk_mean = tl.sum(h, axis=0) / chunk_count
+        centred = tl.where(mask, h - chunk_mean, 0.0)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        mean += delta * (chunk_count / total)
+        squares += tl.sum(centred * centred, axis=0) + delta * delta * (count * chunk_count / total)
+        count = total
+    rstd = 1.0 / tl.sqrt(squares / dim + eps)
+    # Pass 2: y, with h recomputed (bit for bit: no fused multiply-adds, as in the backward).
+    for start in range(0, dim, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        mask = cols < dim
+        offs = row * dim + cols
+        _, _, _, h, _ = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr, gate_ptr,
+                               offs, sample * dim + cols, cols, mask, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL,
+                               HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL, HAS_GATE)
+        _store_y(y_ptr, weight_ptr, bias_ptr, offs, cols, mask, (h - mean) * rstd, HAS_WEIGHT, HAS_BIAS)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _store_y(y_ptr, weight_ptr, bias_ptr, offs, cols, mask, xhat, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    y = xhat
     if HAS_WEIGHT:
         y = y * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _row_backward(x, s, u, tanh_local, grad_y, xhat, grad_xhat, c1, c2, rstd, gate, expand_global, grad_x_ptr,
+                  grad_scale_local_ptr, grad_shift_local_ptr, offs, mask,
+                  HAS_SCALE_LOCAL: tl.constexpr, HAS_SHIFT_LOCAL: tl.constexpr):
+    """Stores one row's (or chunk's) grad_x, grad_shift_local and grad_scale_local, given the row's
+    c1 = mean(grad_y * weight) and c2 = mean(grad_y * weight * xhat); returns its terms of the
+    GATE, WEIGHT, BIAS, EXPAND_GLOBAL and SHIFT_GLOBAL sums."""
+    grad_h = tl.where(mask, rstd * (grad_xhat - c1 - xhat * c2), 0.0)
+    grad_h_gated = grad_h * gate
+    tl.store(grad_x_ptr + offs, (grad_h + grad_h_gated * (s - 1.0)).to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if HAS_SHIFT_LOCAL:
+        tl.store(grad_shift_local_ptr + offs, grad_h_gated.to(grad_shift_local_ptr.dtype.element_ty), mask=mask)
+    if HAS_SCALE_LOCAL:
+        grad_scale = grad_h_gated * x * expand_global * (1.0 - tanh_local * tanh_local)
+        tl.store(grad_scale_local_ptr + offs, grad_scale.to(grad_scale_local_ptr.dtype.element_ty), mask=mask)
+    return grad_h * u, grad_y * xhat, grad_y, grad_h_gated * x * (1.0 + tanh_local), grad_h_gated
+
+
+@triton.jit
+def _grad_xhat(grad_y_ptr, offs, mask, h, mean, rstd, weight):
+    grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+    return grad_y, xhat, grad_y * weight
+
+
+@triton.jit
+def _channel_factors(gate_ptr, weight_ptr, scale_global_ptr, cols, global_offs, col_mask,
+                     HAS_SCALE_GLOBAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """gate, weight and 1 + tanh(scale_global) of one sample's columns in fp32 (ones where absent)."""
+    gate = tl.full(cols.shape, 1.0, tl.float32)
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    weight = tl.full(cols.shape, 1.0, tl.float32)
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    expand_global = tl.full(cols.shape, 1.0, tl.float32)
+    if HAS_SCALE_GLOBAL:
+        expand_global = 1.0 + tanh(tl.load(scale_global_ptr + global_offs, mask=col_mask, other=0.0).to(tl.float32))
+    return gate, weight, expand_global
+
+
+@triton.jit
+def _store_partials(partial, dim, col_mask, sum_gate, sum_weight, sum_bias, sum_expand_global, sum_shift_global):
+    # Order along the partial buffer's axis 2: GATE, WEIGHT, BIAS, EXPAND_GLOBAL, SHIFT_GLOBAL.
+    tl.store(partial + 0 * dim, sum_gate, mask=col_mask)
+    tl.store(partial + 1 * dim, sum_weight, mask=col_mask)
+    tl.store(partial + 2 * dim, sum_bias, mask=col_mask)
+    tl.store(partial + 3 * dim, sum_expand_global, mask=col_mask)
+    tl.store(partial + 4 * dim, sum_shift_global, mask=col_mask)
 
 
 @triton.jit
@@ -81,16 +183,8 @@ def _backward_kernel(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < dim
     global_offs = sample * dim + cols
-    gate = tl.full([BLOCK_D], 1.0, tl.float32)
-    if HAS_GATE:
-        gate = tl.load(gate_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    weight = tl.full([BLOCK_D], 1.0, tl.float32)
-    if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    expand_global = tl.full([BLOCK_D], 1.0, tl.float32)
-    if HAS_SCALE_GLOBAL:
-        expand_global = 1.0 + tanh(tl.load(scale_global_ptr + global_offs, mask=col_mask, other=0.0).to(tl.float32))
-
+    gate, weight, expand_global = _channel_factors(gate_ptr, weight_ptr, scale_global_ptr, cols, global_offs,
+                                                   col_mask, HAS_SCALE_GLOBAL, HAS_GATE, HAS_WEIGHT)
     sum_gate = tl.zeros([BLOCK_D], tl.float32)
     sum_weight = tl.zeros([BLOCK_D], tl.float32)
     sum_bias = tl.zeros([BLOCK_D], tl.float32)
@@ -102,38 +196,102 @@ def _backward_kernel(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_
         mask = col_mask & in_range
         row = sample * length + position
         offs = row * dim + cols
-        x, s, u, h, tanh_local = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr,
-                                        shift_global_ptr, gate_ptr, offs, global_offs, cols, mask,
-                                        HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL,
-                                        HAS_GATE)
         mean = tl.load(mean_ptr + row, mask=in_range, other=0.0)
         rstd = tl.load(rstd_ptr + row, mask=in_range, other=0.0)
-        grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xhat = tl.where(mask, (h - mean) * rstd, 0.0)
-        grad_xhat = grad_y * weight
+        x, s, u, h, tanh_local = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr,
+                                        shift_global_ptr, gate_ptr, offs, global_offs, cols, mask, HAS_SCALE_LOCAL,
+                                        HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL, HAS_GATE)
+        grad_y, xhat, grad_xhat = _grad_xhat(grad_y_ptr, offs, mask, h, mean, rstd, weight)
         c1 = tl.sum(grad_xhat, axis=0) / dim
         c2 = tl.sum(grad_xhat * xhat, axis=0) / dim
-        grad_h = tl.where(mask, rstd * (grad_xhat - c1 - xhat * c2), 0.0)
-        grad_h_gated = grad_h * gate
-        sum_gate += grad_h * u
-        sum_weight += grad_y * xhat
-        sum_bias += grad_y
-        sum_expand_global += grad_h_gated * x * (1.0 + tanh_local)
-        sum_shift_global += grad_h_gated
-        tl.store(grad_x_ptr + offs, (grad_h + grad_h_gated * (s - 1.0)).to(grad_x_ptr.dtype.element_ty), mask=mask)
-        if HAS_SHIFT_LOCAL:
-            tl.store(grad_shift_local_ptr + offs, grad_h_gated.to(grad_shift_local_ptr.dtype.element_ty), mask=mask)
-        if HAS_SCALE_LOCAL:
-            grad_scale = grad_h_gated * x * expand_global * (1.0 - tanh_local * tanh_local)
-            tl.store(grad_scale_local_ptr + offs, grad_scale.to(grad_scale_local_ptr.dtype.element_ty), mask=mask)
+        term_gate, term_weight, term_bias, term_expand_global, term_shift_global = _row_backward(
+            x, s, u, tanh_local, grad_y, xhat, grad_xhat, c1, c2, rstd, gate, expand_global, grad_x_ptr,
+            grad_scale_local_ptr, grad_shift_local_ptr, offs, mask, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL)
+        sum_gate += term_gate
+        sum_weight += term_weight
+        sum_bias += term_bias
+        sum_expand_global += term_expand_global
+        sum_shift_global += term_shift_global
+    _store_partials(partial_ptr + program * 5 * dim + cols, dim, col_mask,  # program == sample * tiles + tile
+                    sum_gate, sum_weight, sum_bias, sum_expand_global, sum_shift_global)
 
-    # Order along the partial buffer's axis 2: GATE, WEIGHT, BIAS, EXPAND_GLOBAL, SHIFT_GLOBAL.
-    partial = partial_ptr + program * 5 * dim + cols  # program == sample * tiles + tile
-    tl.store(partial + 0 * dim, sum_gate, mask=col_mask)
-    tl.store(partial + 1 * dim, sum_weight, mask=col_mask)
-    tl.store(partial + 2 * dim, sum_bias, mask=col_mask)
-    tl.store(partial + 3 * dim, sum_expand_global, mask=col_mask)
-    tl.store(partial + 4 * dim, sum_shift_global, mask=col_mask)
+
+@triton.jit
+def _wide_backward_kernel(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr,
+                          gate_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_ptr, grad_scale_local_ptr,
+                          grad_shift_local_ptr, partial_ptr, batch_size, length, dim,
+                          HAS_SCALE_LOCAL: tl.constexpr, HAS_SHIFT_LOCAL: tl.constexpr,
+                          HAS_SCALE_GLOBAL: tl.constexpr, HAS_SHIFT_GLOBAL: tl.constexpr, HAS_GATE: tl.constexpr,
+                          HAS_WEIGHT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """_backward_kernel for rows wider than one block: the same tiles and partial sums, chunk by chunk."""
+    program = tl.program_id(0).to(tl.int64)
+    tiles = tl.num_programs(0) // batch_size
+    sample = program // tiles
+    tile = program % tiles
+    row_ids = tl.arange(0, ROWS)
+    # Pass 1: each row's c1 and c2, which every chunk of its gradient needs, kept in a ROWS-vector.
+    c1s = tl.zeros([ROWS], tl.float32)
+    c2s = tl.zeros([ROWS], tl.float32)
+    for i in range(ROWS):
+        position = tile * ROWS + i
+        in_range = position < length
+        row = sample * length + position
+        mean = tl.load(mean_ptr + row, mask=in_range, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=in_range, other=0.0)
+        sum_grad_xhat = tl.zeros([BLOCK_D], tl.float32)
+        sum_grad_xhat_xhat = tl.zeros([BLOCK_D], tl.float32)
+        for start in range(0, dim, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_mask = cols < dim
+            mask = col_mask & in_range
+            offs = row * dim + cols
+            weight = tl.full([BLOCK_D], 1.0, tl.float32)
+            if HAS_WEIGHT:
+                weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            _, _, _, h, _ = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr,
+                                   gate_ptr, offs, sample * dim + cols, cols, mask, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL,
+                                   HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL, HAS_GATE)
+            _, xhat, grad_xhat = _grad_xhat(grad_y_ptr, offs, mask, h, mean, rstd, weight)
+            sum_grad_xhat += grad_xhat
+            sum_grad_xhat_xhat += grad_xhat * xhat
+        c1s = tl.where(row_ids == i, tl.sum(sum_grad_xhat, axis=0) / dim, c1s)
+        c2s = tl.where(row_ids == i, tl.sum(sum_grad_xhat_xhat, axis=0) / dim, c2s)
+    # Pass 2: chunk by chunk, every row's gradients and the tile's partial sums of that chunk.
+    for start in range(0, dim, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < dim
+        global_offs = sample * dim + cols
+        gate, weight, expand_global = _channel_factors(gate_ptr, weight_ptr, scale_global_ptr, cols, global_offs,
+                                                       col_mask, HAS_SCALE_GLOBAL, HAS_GATE, HAS_WEIGHT)
+        sum_gate = tl.zeros([BLOCK_D], tl.float32)
+        sum_weight = tl.zeros([BLOCK_D], tl.float32)
+        sum_bias = tl.zeros([BLOCK_D], tl.float32)
+        sum_expand_global = tl.zeros([BLOCK_D], tl.float32)
+        sum_shift_global = tl.zeros([BLOCK_D], tl.float32)
+        for i in range(ROWS):
+            position = tile * ROWS + i
+            in_range = position < length
+            row = sample * length + position
+            mean = tl.load(mean_ptr + row, mask=in_range, other=0.0)
+            rstd = tl.load(rstd_ptr + row, mask=in_range, other=0.0)
+            mask = col_mask & in_range
+            offs = row * dim + cols
+            x, s, u, h, tanh_local = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr,
+                                            shift_global_ptr, gate_ptr, offs, global_offs, cols, mask, HAS_SCALE_LOCAL,
+                                            HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL, HAS_GATE)
+            grad_y, xhat, grad_xhat = _grad_xhat(grad_y_ptr, offs, mask, h, mean, rstd, weight)
+            c1 = tl.sum(tl.where(row_ids == i, c1s, 0.0), axis=0)
+            c2 = tl.sum(tl.where(row_ids == i, c2s, 0.0), axis=0)
+            term_gate, term_weight, term_bias, term_expand_global, term_shift_global = _row_backward(
+                x, s, u, tanh_local, grad_y, xhat, grad_xhat, c1, c2, rstd, gate, expand_global, grad_x_ptr,
+                grad_scale_local_ptr, grad_shift_local_ptr, offs, mask, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL)
+            sum_gate += term_gate
+            sum_weight += term_weight
+            sum_bias += term_bias
+            sum_expand_global += term_expand_global
+            sum_shift_global += term_shift_global
+        _store_partials(partial_ptr + program * 5 * dim + cols, dim, col_mask,
+                        sum_gate, sum_weight, sum_bias, sum_expand_global, sum_shift_global)
 
 
 def _flags(scale_local, shift_local, scale_global, shift_global, gate):
@@ -156,8 +314,8 @@ def forward(x, scale_local, shift_local, scale_global, shift_global, gate, weigh
     rstd = torch.empty_like(mean)
     if y.numel() == 0:  # with D == 0 the statistics are defined as zeros, as in the C++ backends
         return y, mean.zero_(), rstd.zero_()
-    block, num_warps = row_block(dim, "shift_expand")
-    _forward_kernel[(batch * length,)](
+    block, num_warps, whole_row = row_block(dim)
+    (_forward_kernel if whole_row else _wide_forward_kernel)[(batch * length,)](
         x, _or(scale_local, x), _or(shift_local, x), _or(scale_global, x), _or(shift_global, x), _or(gate, x),
         _or(weight, x), _or(bias, x), y, mean, rstd, length, dim, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -181,8 +339,8 @@ def backward(grad_y, x, scale_local, shift_local, scale_global, shift_global, ga
     tiles = triton.cdiv(length, rows)
     partial = torch.zeros((batch, tiles, 5, dim), device=x.device, dtype=torch.float32)
     if x.numel() > 0:
-        block, num_warps = row_block(dim, "shift_expand")
-        _backward_kernel[(batch * tiles,)](
+        block, num_warps, whole_row = row_block(dim)
+        (_backward_kernel if whole_row else _wide_backward_kernel)[(batch * tiles,)](
             grad_y.contiguous(), x, _or(scale_local, x), _or(shift_local, x), _or(scale_global, x),
             _or(shift_global, x), _or(gate, x), _or(weight, x), mean.contiguous(), rstd.contiguous(),
             grad_x, grad_scale_local if scale_local is not None else x,
