@@ -294,3 +294,31 @@ def test_large_inputs_use_64_bit_offsets(kind):
         penalty = sk.cohort_mutual_loss(outputs, weights, kind=kind, backend=backend)
         torch.testing.assert_close(penalty.double() * batch, expected, rtol=2e-2, atol=2e-2)
         del penalty
+
+
+# Chunks of 16 (the chunked_rows fixture): C = 33 ends in a partial chunk, C = 16 is one whole chunk. The
+# interpreter is slow per chunk, so the 16-bit dtypes take one case of each kind.
+CHUNKED_CASES = [case for kind in KINDS for case in (
+    make_case(4, 17, 33, kind),
+    make_case(5, 3, 10, kind, zero_teachers=(0, 3)),
+    make_case(3, 6, 1, kind),
+    make_case(2, 1, 16, kind),
+    make_case(3, 4, 65, kind, noncontiguous=True),
+    make_case(4, 5, 40, kind, logit_scale=30.0),
+)]
+
+
+@pytest.mark.parametrize(("case", "backend", "device", "dtype"), [
+    pytest.param(case, *param.values, id=f"{case}-{param.id}", marks=param.marks)
+    for param in backend_dtype_params(only=("triton",))
+    for case in (CHUNKED_CASES if param.values[2] == torch.float32 else CHUNKED_CASES[::6])])
+def test_triton_chunked_rows_match_reference(case, backend, device, dtype, chunked_rows):
+    check_against_reference(OP, case, backend, device, dtype)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_rows_wider_than_one_block(kind, backend, device):
+    # Past FUSED_MAX (8192) a row of classes is no longer held whole; before the chunked kernels, rows past
+    # 65536 were refused. 70001 classes: 69 chunks of 1024, the last one partial.
+    check_against_reference(OP, make_case(3, 2, 70001, kind), backend, device, torch.float32)

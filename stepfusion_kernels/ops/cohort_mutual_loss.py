@@ -34,9 +34,9 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
 
     Limits: N = 0 gives zeros (an empty batch adds no penalty); S = 0 gives an empty (0,) tensor; C must be
     >= 1 when S > 0. The weights' values are checked (finite, >= 0, positive sum) on the host: one
-    device-to-host copy per call for CUDA tensors. The Triton backend holds a row of C <= 65536 classes in
-    registers. backend: "auto", "reference", "cpu", "cuda" or "triton". Double backward is not supported by
-    the kernel backends: it raises RuntimeError (use backend="reference" for it).
+    device-to-host copy per call for CUDA tensors. backend: "auto", "reference", "cpu", "cuda" or "triton".
+    Double backward is not supported by the kernel backends: it raises RuntimeError (use backend="reference"
+    for it).
     """
     _check_arguments(outputs, teacher_weights, kind)
     backend = resolve_backend(OP, backend, outputs.device, GPU_ORDER)

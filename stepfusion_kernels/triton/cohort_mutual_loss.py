@@ -1,7 +1,11 @@
 """Triton kernels of `cohort_mutual_loss`: a forward with one program per batch row n, which builds the
 teacher mixture once and then one divergence per student (O(S N C)); per-row results are reduced over n
 by torch.sum on fixed shapes (deterministic, no atomics). The backward is elementwise: one program per
-(student, row) pair. The whole row of C classes lives in registers (C <= 65536)."""
+(student, row) pair and chunk of classes.
+
+A row of up to FUSED_MAX classes stays in registers whole. Wider rows go to the `_wide` forward kernels,
+which loop over the classes in chunks: the KL one reads every student's row three times (its log-sum-exp,
+the mixture, the cross term), the MSE one twice, as the whole-row kernels do."""
 
 import torch
 import triton
@@ -73,12 +77,93 @@ def _mse_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, divergence_ptr, s
 
 
 @triton.jit
+def _kl_wide_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, lse_ptr, divergence_ptr, spread_ptr,
+                            students, batch, classes, total_weight, BLOCK_C: tl.constexpr):
+    """_kl_forward_kernel for rows wider than one block, chunk by chunk."""
+    n = tl.program_id(0).to(tl.int64)
+    # Pass 1: every student's log-sum-exp, online: the running sum is rescaled whenever the maximum grows.
+    for j in range(students):
+        row = outputs_ptr + (j * batch + n) * classes
+        max_z = float("-inf")
+        sum_exp = 0.0
+        for start in range(0, classes, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            mask = cols < classes
+            z = tl.load(row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(max_z, tl.max(z, axis=0))  # finite: a chunk holds at least one class
+            sum_exp = sum_exp * tl.exp(max_z - new_max) + tl.sum(tl.where(mask, tl.exp(z - new_max), 0.0), axis=0)
+            max_z = new_max
+        tl.store(lse_ptr + j * batch + n, max_z + tl.log(sum_exp))
+    tl.debug_barrier()  # the log-sum-exps (stored by one thread) are read by every thread below
+    # Pass 2: chunk by chunk, q = sum_j w_j p_j / W, and the lane-wise terms of sum_j w_j sum_c p_j log p_j and
+    # of sum_c q log q.
+    weighted_p_log_p = tl.zeros([BLOCK_C], dtype=tl.float32)
+    q_log_q = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, classes, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = cols < classes
+        mixture = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for j in range(students):
+            weight = tl.load(weights_ptr + j)
+            z = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+            log_p = z - tl.load(lse_ptr + j * batch + n)
+            p = tl.where(mask, tl.exp(log_p), 0.0)
+            mixture += weight * p
+            weighted_p_log_p += weight * (p * log_p)
+        q = mixture / total_weight
+        tl.store(mixture_ptr + n * classes + cols, q, mask=mask)
+        q_log_q += q * tl.log(tl.maximum(q, TINY))
+    neg_entropy_q = tl.sum(q_log_q, axis=0)
+    tl.store(spread_ptr + n, tl.sum(weighted_p_log_p, axis=0) - total_weight * neg_entropy_q)
+    tl.debug_barrier()  # q, stored chunk by chunk above, is read back below
+    # Pass 3: KL(q || p_i) = sum_c q log q - sum_c q (z_i - lse_i) for every student i.
+    for i in range(students):
+        lse = tl.load(lse_ptr + i * batch + n)
+        cross = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for start in range(0, classes, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            mask = cols < classes
+            z = tl.load(outputs_ptr + (i * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+            cross += tl.load(mixture_ptr + n * classes + cols, mask=mask, other=0.0) * (z - lse)
+        tl.store(divergence_ptr + n * students + i, neg_entropy_q - tl.sum(cross, axis=0))
+
+
+@triton.jit
+def _mse_wide_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, divergence_ptr, spread_ptr,
+                             students, batch, classes, total_weight, BLOCK_C: tl.constexpr):
+    """_mse_forward_kernel for rows wider than one block, chunk by chunk."""
+    n = tl.program_id(0).to(tl.int64)
+    for start in range(0, classes, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = cols < classes
+        weighted_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for j in range(students):
+            f = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+            weighted_sum += tl.load(weights_ptr + j) * f
+        tl.store(mixture_ptr + n * classes + cols, weighted_sum / total_weight, mask=mask)
+    tl.debug_barrier()  # mu, stored chunk by chunk above, is read back below
+    weighted_distance = 0.0
+    for i in range(students):
+        squared = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for start in range(0, classes, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            mask = cols < classes
+            f = tl.load(outputs_ptr + (i * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+            difference = tl.where(mask, f - tl.load(mixture_ptr + n * classes + cols, mask=mask, other=0.0), 0.0)
+            squared += difference * difference
+        distance = tl.sum(squared, axis=0)
+        tl.store(divergence_ptr + n * students + i, distance)
+        weighted_distance += tl.load(weights_ptr + i) * distance
+    tl.store(spread_ptr + n, weighted_distance)
+
+
+@triton.jit
 def _backward_kernel(outputs_ptr, mixture_ptr, lse_ptr, coefficient_ptr, grad_ptr, batch, classes,
                      IS_KL: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row = i * N + n
     student = row // batch
     n = row % batch
-    cols = tl.arange(0, BLOCK_C)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < classes
     z = tl.load(outputs_ptr + row * classes + cols, mask=mask, other=0.0).to(tl.float32)
     target = tl.load(mixture_ptr + n * classes + cols, mask=mask, other=0.0)
@@ -108,13 +193,15 @@ def forward(outputs, teacher_weights, kind, total_weight):
     divergence = torch.empty((batch, students), **float_options)
     spread = torch.empty((batch,), **float_options)
     if students > 0 and batch > 0:
-        block, num_warps = row_block(classes, "cohort_mutual_loss")
+        block, num_warps, whole_row = row_block(classes)
         if kind == "kl":
-            _kl_forward_kernel[(batch,)](outputs, weights, mixture, lse, divergence, spread, students, batch, classes,
-                                        total_weight, BLOCK_C=block, num_warps=num_warps)
+            kernel = _kl_forward_kernel if whole_row else _kl_wide_forward_kernel
+            kernel[(batch,)](outputs, weights, mixture, lse, divergence, spread, students, batch, classes,
+                             total_weight, BLOCK_C=block, num_warps=num_warps)
         else:
-            _mse_forward_kernel[(batch,)](outputs, weights, mixture, divergence, spread, students, batch, classes,
-                                         total_weight, BLOCK_C=block, num_warps=num_warps)
+            kernel = _mse_forward_kernel if whole_row else _mse_wide_forward_kernel
+            kernel[(batch,)](outputs, weights, mixture, divergence, spread, students, batch, classes,
+                             total_weight, BLOCK_C=block, num_warps=num_warps)
     # penalty_i = scale * sum_n (divergence[n, i] + J_n / W): fixed-shape sums over n (deterministic).
     penalty = (divergence.sum(dim=0) + spread.sum() / total_weight) * _scale(batch, classes, kind)
     return penalty.to(outputs.dtype), mixture, lse
@@ -129,8 +216,8 @@ def backward(grad_penalty, outputs, mixture, lse, kind):
         return grad
     factor = _scale(batch, classes, kind) * (2.0 if kind == "mse" else 1.0)
     coefficient = (grad_penalty.to(torch.float32) * factor).contiguous()
-    block, num_warps = row_block(classes, "cohort_mutual_loss")
-    _backward_kernel[(students * batch,)](outputs, mixture.contiguous(), lse.contiguous() if kind == "kl" else mixture,
-                                          coefficient, grad, batch, classes, IS_KL=kind == "kl", BLOCK_C=block,
-                                          num_warps=num_warps)
+    block, num_warps, _ = row_block(classes)
+    _backward_kernel[(students * batch, triton.cdiv(classes, block))](
+        outputs, mixture.contiguous(), lse.contiguous() if kind == "kl" else mixture, coefficient, grad, batch,
+        classes, IS_KL=kind == "kl", BLOCK_C=block, num_warps=num_warps)
     return grad
