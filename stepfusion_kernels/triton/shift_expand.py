@@ -118,24 +118,6 @@ def _store_y(y_ptr, weight_ptr, bias_ptr, offs, cols, mask, xhat, HAS_WEIGHT: tl
 
 
 @triton.jit
-def _row_backward(x, s, u, tanh_local, grad_y, xhat, grad_xhat, c1, c2, rstd, gate, expand_global, grad_x_ptr,
-                  grad_scale_local_ptr, grad_shift_local_ptr, offs, mask,
-                  HAS_SCALE_LOCAL: tl.constexpr, HAS_SHIFT_LOCAL: tl.constexpr):
-    """Stores one row's (or chunk's) grad_x, grad_shift_local and grad_scale_local, given the row's
-    c1 = mean(grad_y * weight) and c2 = mean(grad_y * weight * xhat); returns its terms of the
-    GATE, WEIGHT, BIAS, EXPAND_GLOBAL and SHIFT_GLOBAL sums."""
-    grad_h = tl.where(mask, rstd * (grad_xhat - c1 - xhat * c2), 0.0)
-    grad_h_gated = grad_h * gate
-    tl.store(grad_x_ptr + offs, (grad_h + grad_h_gated * (s - 1.0)).to(grad_x_ptr.dtype.element_ty), mask=mask)
-    if HAS_SHIFT_LOCAL:
-        tl.store(grad_shift_local_ptr + offs, grad_h_gated.to(grad_shift_local_ptr.dtype.element_ty), mask=mask)
-    if HAS_SCALE_LOCAL:
-        grad_scale = grad_h_gated * x * expand_global * (1.0 - tanh_local * tanh_local)
-        tl.store(grad_scale_local_ptr + offs, grad_scale.to(grad_scale_local_ptr.dtype.element_ty), mask=mask)
-    return grad_h * u, grad_y * xhat, grad_y, grad_h_gated * x * (1.0 + tanh_local), grad_h_gated
-
-
-@triton.jit
 def _grad_xhat(grad_y_ptr, offs, mask, h, mean, rstd, weight):
     grad_y = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (h - mean) * rstd, 0.0)
@@ -143,9 +125,17 @@ def _grad_xhat(grad_y_ptr, offs, mask, h, mean, rstd, weight):
 
 
 @triton.jit
-def _channel_factors(gate_ptr, weight_ptr, scale_global_ptr, cols, global_offs, col_mask,
-                     HAS_SCALE_GLOBAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    """gate, weight and 1 + tanh(scale_global) of one sample's columns in fp32 (ones where absent)."""
+def _backward_columns(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr,
+                      gate_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_ptr, grad_scale_local_ptr,
+                      grad_shift_local_ptr, partial_ptr, program, sample, tile, length, dim, cols, c1s, c2s,
+                      HAS_SCALE_LOCAL: tl.constexpr, HAS_SHIFT_LOCAL: tl.constexpr, HAS_SCALE_GLOBAL: tl.constexpr,
+                      HAS_SHIFT_GLOBAL: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      WHOLE_ROW: tl.constexpr, ROWS: tl.constexpr):
+    """The gradients of one tile's ROWS rows over the columns `cols`, and the tile's partial sums there.
+    With WHOLE_ROW, `cols` is the whole row and each row's c1 = mean(grad_y * weight) and
+    c2 = mean(grad_y * weight * xhat) are summed here; otherwise row i's come in c1s[i] and c2s[i]."""
+    col_mask = cols < dim
+    global_offs = sample * dim + cols
     gate = tl.full(cols.shape, 1.0, tl.float32)
     if HAS_GATE:
         gate = tl.load(gate_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -155,12 +145,46 @@ def _channel_factors(gate_ptr, weight_ptr, scale_global_ptr, cols, global_offs, 
     expand_global = tl.full(cols.shape, 1.0, tl.float32)
     if HAS_SCALE_GLOBAL:
         expand_global = 1.0 + tanh(tl.load(scale_global_ptr + global_offs, mask=col_mask, other=0.0).to(tl.float32))
-    return gate, weight, expand_global
+    row_ids = tl.arange(0, ROWS)
+    sum_gate = tl.zeros(cols.shape, tl.float32)
+    sum_weight = tl.zeros(cols.shape, tl.float32)
+    sum_bias = tl.zeros(cols.shape, tl.float32)
+    sum_expand_global = tl.zeros(cols.shape, tl.float32)
+    sum_shift_global = tl.zeros(cols.shape, tl.float32)
+    for i in range(ROWS):
+        position = tile * ROWS + i
+        in_range = position < length
+        mask = col_mask & in_range
+        row = sample * length + position
+        offs = row * dim + cols
+        mean = tl.load(mean_ptr + row, mask=in_range, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=in_range, other=0.0)
+        x, s, u, h, tanh_local = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr,
+                                        shift_global_ptr, gate_ptr, offs, global_offs, cols, mask, HAS_SCALE_LOCAL,
+                                        HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL, HAS_GATE)
+        grad_y, xhat, grad_xhat = _grad_xhat(grad_y_ptr, offs, mask, h, mean, rstd, weight)
+        if WHOLE_ROW:
+            c1 = tl.sum(grad_xhat, axis=0) / dim
+            c2 = tl.sum(grad_xhat * xhat, axis=0) / dim
+        else:
+            c1 = tl.sum(tl.where(row_ids == i, c1s, 0.0), axis=0)
+            c2 = tl.sum(tl.where(row_ids == i, c2s, 0.0), axis=0)
+        grad_h = tl.where(mask, rstd * (grad_xhat - c1 - xhat * c2), 0.0)
+        grad_h_gated = grad_h * gate
+        sum_gate += grad_h * u
+        sum_weight += grad_y * xhat
+        sum_bias += grad_y
+        sum_expand_global += grad_h_gated * x * (1.0 + tanh_local)
+        sum_shift_global += grad_h_gated
+        tl.store(grad_x_ptr + offs, (grad_h + grad_h_gated * (s - 1.0)).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        if HAS_SHIFT_LOCAL:
+            tl.store(grad_shift_local_ptr + offs, grad_h_gated.to(grad_shift_local_ptr.dtype.element_ty), mask=mask)
+        if HAS_SCALE_LOCAL:
+            grad_scale = grad_h_gated * x * expand_global * (1.0 - tanh_local * tanh_local)
+            tl.store(grad_scale_local_ptr + offs, grad_scale.to(grad_scale_local_ptr.dtype.element_ty), mask=mask)
 
-
-@triton.jit
-def _store_partials(partial, dim, col_mask, sum_gate, sum_weight, sum_bias, sum_expand_global, sum_shift_global):
     # Order along the partial buffer's axis 2: GATE, WEIGHT, BIAS, EXPAND_GLOBAL, SHIFT_GLOBAL.
+    partial = partial_ptr + program * 5 * dim + cols  # program == sample * tiles + tile
     tl.store(partial + 0 * dim, sum_gate, mask=col_mask)
     tl.store(partial + 1 * dim, sum_weight, mask=col_mask)
     tl.store(partial + 2 * dim, sum_bias, mask=col_mask)
@@ -178,42 +202,12 @@ def _backward_kernel(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_
     # A one-dimensional grid: a long sample has more tiles than a grid's second axis takes (65535).
     program = tl.program_id(0).to(tl.int64)
     tiles = tl.num_programs(0) // batch_size
-    sample = program // tiles
-    tile = program % tiles
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < dim
-    global_offs = sample * dim + cols
-    gate, weight, expand_global = _channel_factors(gate_ptr, weight_ptr, scale_global_ptr, cols, global_offs,
-                                                   col_mask, HAS_SCALE_GLOBAL, HAS_GATE, HAS_WEIGHT)
-    sum_gate = tl.zeros([BLOCK_D], tl.float32)
-    sum_weight = tl.zeros([BLOCK_D], tl.float32)
-    sum_bias = tl.zeros([BLOCK_D], tl.float32)
-    sum_expand_global = tl.zeros([BLOCK_D], tl.float32)
-    sum_shift_global = tl.zeros([BLOCK_D], tl.float32)
-    for i in range(ROWS):
-        position = tile * ROWS + i
-        in_range = position < length
-        mask = col_mask & in_range
-        row = sample * length + position
-        offs = row * dim + cols
-        mean = tl.load(mean_ptr + row, mask=in_range, other=0.0)
-        rstd = tl.load(rstd_ptr + row, mask=in_range, other=0.0)
-        x, s, u, h, tanh_local = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr,
-                                        shift_global_ptr, gate_ptr, offs, global_offs, cols, mask, HAS_SCALE_LOCAL,
-                                        HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL, HAS_GATE)
-        grad_y, xhat, grad_xhat = _grad_xhat(grad_y_ptr, offs, mask, h, mean, rstd, weight)
-        c1 = tl.sum(grad_xhat, axis=0) / dim
-        c2 = tl.sum(grad_xhat * xhat, axis=0) / dim
-        term_gate, term_weight, term_bias, term_expand_global, term_shift_global = _row_backward(
-            x, s, u, tanh_local, grad_y, xhat, grad_xhat, c1, c2, rstd, gate, expand_global, grad_x_ptr,
-            grad_scale_local_ptr, grad_shift_local_ptr, offs, mask, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL)
-        sum_gate += term_gate
-        sum_weight += term_weight
-        sum_bias += term_bias
-        sum_expand_global += term_expand_global
-        sum_shift_global += term_shift_global
-    _store_partials(partial_ptr + program * 5 * dim + cols, dim, col_mask,  # program == sample * tiles + tile
-                    sum_gate, sum_weight, sum_bias, sum_expand_global, sum_shift_global)
+    unused = tl.zeros([ROWS], tl.float32)  # c1, c2 are summed over the whole row inside
+    _backward_columns(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr,
+                      gate_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_ptr, grad_scale_local_ptr, grad_shift_local_ptr,
+                      partial_ptr, program, program // tiles, program % tiles, length, dim, tl.arange(0, BLOCK_D),
+                      unused, unused, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL, HAS_GATE,
+                      HAS_WEIGHT, True, ROWS)
 
 
 @triton.jit
@@ -258,40 +252,11 @@ def _wide_backward_kernel(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, s
         c2s = tl.where(row_ids == i, tl.sum(sum_grad_xhat_xhat, axis=0) / dim, c2s)
     # Pass 2: chunk by chunk, every row's gradients and the tile's partial sums of that chunk.
     for start in range(0, dim, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        col_mask = cols < dim
-        global_offs = sample * dim + cols
-        gate, weight, expand_global = _channel_factors(gate_ptr, weight_ptr, scale_global_ptr, cols, global_offs,
-                                                       col_mask, HAS_SCALE_GLOBAL, HAS_GATE, HAS_WEIGHT)
-        sum_gate = tl.zeros([BLOCK_D], tl.float32)
-        sum_weight = tl.zeros([BLOCK_D], tl.float32)
-        sum_bias = tl.zeros([BLOCK_D], tl.float32)
-        sum_expand_global = tl.zeros([BLOCK_D], tl.float32)
-        sum_shift_global = tl.zeros([BLOCK_D], tl.float32)
-        for i in range(ROWS):
-            position = tile * ROWS + i
-            in_range = position < length
-            row = sample * length + position
-            mean = tl.load(mean_ptr + row, mask=in_range, other=0.0)
-            rstd = tl.load(rstd_ptr + row, mask=in_range, other=0.0)
-            mask = col_mask & in_range
-            offs = row * dim + cols
-            x, s, u, h, tanh_local = _row_h(x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr,
-                                            shift_global_ptr, gate_ptr, offs, global_offs, cols, mask, HAS_SCALE_LOCAL,
-                                            HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL, HAS_SHIFT_GLOBAL, HAS_GATE)
-            grad_y, xhat, grad_xhat = _grad_xhat(grad_y_ptr, offs, mask, h, mean, rstd, weight)
-            c1 = tl.sum(tl.where(row_ids == i, c1s, 0.0), axis=0)
-            c2 = tl.sum(tl.where(row_ids == i, c2s, 0.0), axis=0)
-            term_gate, term_weight, term_bias, term_expand_global, term_shift_global = _row_backward(
-                x, s, u, tanh_local, grad_y, xhat, grad_xhat, c1, c2, rstd, gate, expand_global, grad_x_ptr,
-                grad_scale_local_ptr, grad_shift_local_ptr, offs, mask, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL)
-            sum_gate += term_gate
-            sum_weight += term_weight
-            sum_bias += term_bias
-            sum_expand_global += term_expand_global
-            sum_shift_global += term_shift_global
-        _store_partials(partial_ptr + program * 5 * dim + cols, dim, col_mask,
-                        sum_gate, sum_weight, sum_bias, sum_expand_global, sum_shift_global)
+        _backward_columns(grad_y_ptr, x_ptr, scale_local_ptr, shift_local_ptr, scale_global_ptr, shift_global_ptr,
+                          gate_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_ptr, grad_scale_local_ptr,
+                          grad_shift_local_ptr, partial_ptr, program, sample, tile, length, dim,
+                          start + tl.arange(0, BLOCK_D), c1s, c2s, HAS_SCALE_LOCAL, HAS_SHIFT_LOCAL, HAS_SCALE_GLOBAL,
+                          HAS_SHIFT_GLOBAL, HAS_GATE, HAS_WEIGHT, False, ROWS)
 
 
 def _flags(scale_local, shift_local, scale_global, shift_global, gate):
