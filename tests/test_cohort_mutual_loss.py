@@ -296,22 +296,16 @@ def test_large_inputs_use_64_bit_offsets(kind):
         del penalty
 
 
-# Chunks of 16 (the chunked_rows fixture): C = 33 ends in a partial chunk, C = 16 is one whole chunk. The
-# interpreter is slow per chunk, so the 16-bit dtypes take one case of each kind.
-CHUNKED_CASES = [case for kind in KINDS for case in (
-    make_case(4, 17, 33, kind),
-    make_case(5, 3, 10, kind, zero_teachers=(0, 3)),
-    make_case(3, 6, 1, kind),
-    make_case(2, 1, 16, kind),
-    make_case(3, 4, 65, kind, noncontiguous=True),
-    make_case(4, 5, 40, kind, logit_scale=30.0),
-)]
+# Chunks of 16 (the chunked_rows fixture): C = 33 and 65 end in a partial chunk, C = 1, 5 and 10 are one
+# partial chunk. The interpreter is slow per chunk: CASES up to C = 65, and one case of each kind for the
+# 16-bit dtypes.
+CHUNKED_CASES = [case for case in CASES if "-C257-" not in case.name and "-C1000-" not in case.name]
 
 
 @pytest.mark.parametrize(("case", "backend", "device", "dtype"), [
     pytest.param(case, *param.values, id=f"{case}-{param.id}", marks=param.marks)
     for param in backend_dtype_params(only=("triton",))
-    for case in (CHUNKED_CASES if param.values[2] == torch.float32 else CHUNKED_CASES[::6])])
+    for case in CHUNKED_CASES if param.values[2] == torch.float32 or case.name.startswith("S4-N17-C33-")])
 def test_triton_chunked_rows_match_reference(case, backend, device, dtype, chunked_rows):
     check_against_reference(OP, case, backend, device, dtype)
 

@@ -177,25 +177,17 @@ def test_large_rows_use_64_bit_offsets():
         del y
 
 
-# Chunks of 16 (the chunked_rows fixture): D = 33 ends in a partial chunk, D = 64 in a whole one; L = 65 has
-# several backward tiles. The interpreter is slow per chunk, so the 16-bit dtypes take one case.
-CHUNKED_CASES = [
-    make_case(2, 17, 33),
-    make_case(1, 1, 1),
-    make_case(1, 33, 64, present=()),
-    make_case(2, 17, 33, present=("scale_local", "shift_local")),
-    make_case(2, 17, 33, present=("scale_global", "shift_global")),
-    make_case(2, 17, 33, present=("scale_local", "shift_global", "weight")),
-    make_case(3, 6, 16, present=("gate", "weight", "bias"), eps=1e-3),
-    make_case(2, 17, 33, noncontiguous=("x", "scale_local", "shift_local", "scale_global", "gate", "weight")),
-    make_case(1, 65, 20),
-]
+# Chunks of 16 (the chunked_rows fixture): D = 33 ends in a partial chunk, D = 64 in a whole one. The
+# interpreter is slow per chunk: CASES up to D = 64, a narrower case with several backward tiles, and one
+# case for the 16-bit dtypes.
+CHUNKED_CASES = [case for case in CASES if case.name not in ("B2-L9-D257-all", "B1-L65-D130-all")]
+CHUNKED_CASES.append(make_case(1, 65, 20))
 
 
 @pytest.mark.parametrize(("case", "backend", "device", "dtype"), [
     pytest.param(case, *param.values, id=f"{case}-{param.id}", marks=param.marks)
     for param in backend_dtype_params(only=("triton",))
-    for case in (CHUNKED_CASES if param.values[2] == torch.float32 else CHUNKED_CASES[:1])])
+    for case in CHUNKED_CASES if param.values[2] == torch.float32 or case.name == "B2-L17-D33-all"])
 def test_triton_chunked_rows_match_reference(case, backend, device, dtype, chunked_rows):
     check_against_reference(OP, case, backend, device, dtype)
 
