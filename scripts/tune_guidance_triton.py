@@ -40,7 +40,7 @@ def main():
     def run_backward():
         return torch.autograd.grad(run(), tensors, upstream)
 
-    default = kernels._blocks(dtype, head_dim)
+    default = kernels._blocks(dtype, head_dim, torch.device("cuda"))
     reference = None
     print(f"{'BLOCK_M, BLOCK_N, warps, stages':34} {'fwd ms':>8} {'fwd+bwd ms':>11} {'max rel diff':>13}")
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] if args.configs else CONFIGS

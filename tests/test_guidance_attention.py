@@ -238,7 +238,7 @@ def test_triton_rejects_unsupported_head_dims():
 
 def _gpu_tiles():
     from stepfusion_kernels.triton import guidance_attention as kernels
-    return sorted({*kernels.FP32_BLOCKS.values(), (64, 64)})
+    return sorted({*kernels.FP32_BLOCKS.values(), *kernels.SM8X_BLOCKS.values(), (64, 64)})
 
 
 @pytest.mark.skipif(not triton_interpreted() or "triton" not in sk.backends(),
@@ -249,7 +249,7 @@ def _gpu_tiles():
 def test_triton_gpu_tiles_in_the_interpreter(blocks, case, monkeypatch):
     # The interpreter's own tiles are 16 x 16; the band's block arithmetic must hold for the GPU's as well.
     from stepfusion_kernels.triton import guidance_attention as kernels
-    monkeypatch.setattr(kernels, "_blocks", lambda dtype, head_dim: (*blocks, 1, 1))
+    monkeypatch.setattr(kernels, "_blocks", lambda dtype, head_dim, device: (*blocks, 1, 1))
     check_against_reference(OP, case, "triton", "cpu", torch.float32)
 
 

@@ -8,6 +8,8 @@ block for dq that also writes its block's share of the global-token gradients, s
 a fixed order (no atomics). Band limits come from c_i = ((2 i + 1) Lk) // (2 Lq) and its closed-form
 inverse, so out-of-band blocks are never loaded."""
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -23,17 +25,30 @@ LN2 = tl.constexpr(0.6931471805599453)
 # for sm_90, 64 x 64 tiles spill up to 23 KB per thread (1.3-9 KB at Dh 64). These tiles spill nothing (16
 # bytes in one kernel at Dh 128; scripts/compile_triton.py). Not yet timed against 64 x 64 on a GPU.
 FP32_BLOCKS = {16: (16, 64), 32: (16, 64), 64: (16, 64), 128: (16, 16)}
+# Compute capability 8.x (A100, Ampere and Ada cards) has no warpgroup MMA, and its tiles keep more in
+# registers. Where the tiles above spill over 512 bytes per thread compiled for sm_80, these take their place:
+# 16-bit at Dh 64 (3.6 KB in the banded dk/dv kernel; 1.3 KB on sm_89) and Dh 128 (600 bytes in dq; 80 with
+# 64 x 32) and float32 at Dh 64 (744 bytes in dq; none with 16 x 32). Keyed by (float32, head_dim). Not
+# timed: no such GPU at hand.
+SM8X_BLOCKS = {(False, 64): (64, 32), (False, 128): (64, 32), (True, 64): (16, 32)}
 
 
-def _blocks(dtype, head_dim):
+def _blocks(dtype, head_dim, device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): small tiles under the interpreter, where they keep
     several blocks (and the band skipping) in play on test-sized inputs; on a GPU, 64 x 64 tensor-core tiles
-    for 16-bit inputs and FP32_BLOCKS for float32."""
+    for 16-bit inputs and FP32_BLOCKS for float32, except where SM8X_BLOCKS has other tiles for the GPU."""
     if triton_interpreted():
         return 16, 16, 1, 1
-    if dtype == torch.float32:
-        return *FP32_BLOCKS[head_dim], 4, 2
-    return 64, 64, 4, 2
+    float32 = dtype == torch.float32
+    blocks = FP32_BLOCKS[head_dim] if float32 else (64, 64)
+    if _compute_capability(device)[0] == 8:
+        blocks = SM8X_BLOCKS.get((float32, head_dim), blocks)
+    return *blocks, 4, 2
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device):
+    return torch.cuda.get_device_capability(device)  # once per device: it is on every call's path
 
 
 @triton.jit
@@ -280,7 +295,7 @@ def forward(q, k, v, k_global, v_global, window, scale):
     if batch * heads * len_q == 0:
         return out, lse
     settings = _settings(q, window)
-    block_m, block_n, num_warps, num_stages = _blocks(q.dtype, q.shape[-1])
+    block_m, block_n, num_warps, num_stages = _blocks(q.dtype, q.shape[-1], q.device)
     _forward_kernel[(triton.cdiv(len_q, block_m), batch * heads)](
         q, k, v, k_global, v_global, out, lse, len_q, len_k, globals_, window, scale * LOG2E_HOST,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **settings)
@@ -303,7 +318,7 @@ def backward(grad_out, q, k, v, k_global, v_global, out, lse, window, scale):
     grad_q = torch.empty_like(q)
     grad_k = torch.empty_like(k)  # every row is written, zeros where no query reaches it
     grad_v = torch.empty_like(v)
-    block_m, block_n, num_warps, num_stages = _blocks(q.dtype, head_dim)
+    block_m, block_n, num_warps, num_stages = _blocks(q.dtype, head_dim, q.device)
     query_blocks = triton.cdiv(len_q, block_m)
     partial = torch.zeros((batch * heads, query_blocks, 2, globals_, head_dim), device=q.device,
                           dtype=torch.float32)
