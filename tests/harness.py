@@ -21,6 +21,7 @@ DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
+KERNELS = ("cpu", "cuda", "triton")  # every backend but the reference
 HAS_CUDA = torch.cuda.is_available()
 NEEDS_GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none on this machine)")
 
@@ -50,12 +51,13 @@ class OpUnderTest:
         return self.float32_tolerance if dtype == torch.float32 else TOLERANCE[dtype]
 
 
-def backend_params():
-    """(backend, device) pairs: the CPU ones, and the GPU ones (skipped without a GPU)."""
+def backend_params(only=None):
+    """(backend, device) pairs: the CPU ones, and the GPU ones (skipped without a GPU); only the backends
+    named in `only` when it is given."""
     usable = stepfusion_kernels.backends()
     params = [pytest.param(name, "cpu", id=f"{name}-cpu") for name in ("reference", "cpu", "triton") if name in usable]
     params += [pytest.param(name, "cuda", id=f"{name}-cuda", marks=NEEDS_GPU) for name in ("cuda", "triton")]
-    return params
+    return [param for param in params if only is None or param.values[0] in only]
 
 
 def kernel_op_params(op):
@@ -75,12 +77,10 @@ def kernel_op_params(op):
 
 
 def backend_dtype_params(only=None):
-    """(backend, device, dtype) triples over backend_params(), or over the backends named in `only`."""
+    """(backend, device, dtype) triples over backend_params(only)."""
     params = []
-    for param in backend_params():
+    for param in backend_params(only):
         backend, device = param.values
-        if only is not None and backend not in only:
-            continue
         for dtype in DTYPES[backend]:
             short = str(dtype).replace("torch.", "")
             params.append(pytest.param(backend, device, dtype, id=f"{param.id}-{short}", marks=param.marks))

@@ -4,9 +4,9 @@ import torch.nn.functional as F
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params, check_against_reference,
-                     check_backend_selection_errors, check_deterministic_backward, check_double_backward_raises,
-                     kernel_op_params, randn, seeded_generator)
+from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
+                     check_double_backward_raises, kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.cohort_mutual_loss, ref=python_ref.cohort_mutual_loss)
 KINDS = ("kl", "mse")
@@ -134,13 +134,13 @@ def test_no_students_gives_empty_output(kind, backend, device):
         assert grad.shape == outputs.shape
 
 
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_is_bitwise_reproducible(kind, backend, device):
     check_deterministic_backward(OP, make_case(6, 70, 40, kind), backend, device, torch.float32)
 
 
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_double_backward_raises(kind, backend, device):
     check_double_backward_raises(OP, make_case(3, 5, 4, kind), backend, device)
@@ -310,7 +310,7 @@ def test_triton_chunked_rows_match_reference(case, backend, device, dtype, chunk
     check_against_reference(OP, case, backend, device, dtype)
 
 
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=("triton",)))
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_rows_wider_than_one_block(kind, backend, device):
     # Past FUSED_MAX (8192) a row of classes is no longer held whole; before the chunked kernels, rows past

@@ -4,9 +4,10 @@ import torch
 import python_ref
 import stepfusion_kernels as sk
 from stepfusion_kernels._backend import triton_interpreted
-from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params, check_against_reference,
-                     check_backend_selection_errors, check_deterministic_backward, check_double_backward_raises,
-                     check_empty, kernel_op_params, prepare_inputs, randn, seeded_generator)
+from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
+                     check_double_backward_raises, check_empty, kernel_op_params, prepare_inputs, randn,
+                     seeded_generator)
 
 OP = OpUnderTest(fn=sk.guidance_attention, ref=python_ref.guidance_attention, float32_tolerance=1e-4)
 
@@ -101,12 +102,12 @@ def test_empty_inputs_give_empty_outputs(shape, backend, device):
     check_empty(OP, kwargs, backend, device)
 
 
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_backward_is_bitwise_reproducible(backend, device):
     check_deterministic_backward(OP, make_case(2, 2, 70, 90, 16, 7, 3), backend, device, torch.float32)
 
 
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_double_backward_raises(backend, device):
     check_double_backward_raises(OP, make_case(1, 2, 5, 6, 16, 2, 2), backend, device)
 

@@ -3,9 +3,9 @@ import torch
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (Case, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params, check_against_reference,
-                     check_backend_selection_errors, check_deterministic_backward, check_double_backward_raises,
-                     check_empty, kernel_op_params, randn, seeded_generator)
+from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
+                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
+                     check_double_backward_raises, check_empty, kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.shift_expand, ref=python_ref.shift_expand)
 ALL_OPTIONAL = ("scale_local", "shift_local", "scale_global", "shift_global", "gate", "weight", "bias")
@@ -58,12 +58,12 @@ def test_empty_inputs_give_empty_outputs(shape, backend, device):
     check_empty(OP, kwargs, backend, device)
 
 
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_backward_is_bitwise_reproducible(backend, device):
     check_deterministic_backward(OP, make_case(3, 70, 40), backend, device, torch.float32)
 
 
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_double_backward_raises(backend, device):
     check_double_backward_raises(OP, make_case(2, 5, 8), backend, device)
 
@@ -192,7 +192,7 @@ def test_triton_chunked_rows_match_reference(case, backend, device, dtype, chunk
     check_against_reference(OP, case, backend, device, dtype)
 
 
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] == "triton"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=("triton",)))
 def test_triton_rows_wider_than_one_block(backend, device):
     # Past FUSED_MAX (8192) a row is no longer held whole; before the chunked kernels, rows past 65536 were
     # refused. 70001 channels: 69 chunks of 1024, the last one partial.

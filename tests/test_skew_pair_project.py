@@ -3,7 +3,7 @@ import torch
 
 import python_ref
 import stepfusion_kernels as sk
-from harness import (Case, HAS_CUDA, NEEDS_GPU, OpUnderTest, backend_dtype_params, backend_params,
+from harness import (HAS_CUDA, KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
                      check_double_backward_raises, check_empty, kernel_op_params, randn, seeded_generator)
 
@@ -223,7 +223,7 @@ TILED = [make_case(8, 6, 70, 1000, 7, pairs=((7, 0), (4, 1), (7, 2), (0, 3), (1,
 
 
 @pytest.mark.parametrize("case", TILED, ids=str)
-@pytest.mark.parametrize(("backend", "device", "dtype"), [p for p in backend_dtype_params() if p.values[0] == "cpu"])
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params(only=("cpu",)))
 def test_cpu_row_tiles_match_reference(case, backend, device, dtype):
     check_against_reference(OP, case, backend, device, dtype)
 
@@ -258,7 +258,7 @@ def test_zero_in_features_give_the_bias():
 
 
 @pytest.mark.parametrize("per_pair", [False, True], ids=["shared", "perpair"])
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_backward_is_bitwise_reproducible(per_pair, backend, device):
     pairs = ((0, 1), (1, 1), (0, 1), (0, 0), (1, 1), (0, 2))  # layers hit by up to three pairs
     case = make_case(2, 3, 150, 24, 20, pairs=pairs, per_pair=per_pair)
@@ -266,7 +266,7 @@ def test_backward_is_bitwise_reproducible(per_pair, backend, device):
 
 
 @pytest.mark.parametrize("per_pair", [False, True])
-@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if p.values[0] != "reference"])
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_double_backward_raises(per_pair, backend, device):
     check_double_backward_raises(OP, make_case(2, 3, 5, 8, 6, pairs=((0, 1), (1, 0)), per_pair=per_pair), backend,
                                  device)
