@@ -14,7 +14,8 @@
 #               and the host time of a small call, into $OUT/tune-skew-cuda
 #   HOST_S      (60) scripts/host_time.py on the GPU: every op's time per call at tiny shapes, cuda and triton
 #   GUIDANCE_TUNE_S (60) scripts/tune_guidance_triton.py in float32 at Dh 64: the default float32 tiles
-#               (chosen by compiled register use, scripts/compile_triton.py) against 64 x 64 and 32 x 32
+#               (chosen by compiled register use, scripts/compile_triton.py) against 64 x 64 and 16 x 32
+#               (16 x 32 is the one that spills nothing at Dh 64 under triton 3.6 as well)
 #   WIDE_ROWS_S (45) scripts/time_wide_rows.py: Triton shift_expand and cohort_mutual_loss, whole-row
 #               against chunked kernels at D and C 4096-16384 in bfloat16 (where to put FUSED_MAX), and
 #               the chunked kernels' results against the whole-row ones
@@ -82,7 +83,7 @@ fi
 if [ "${GUIDANCE_TUNE_S:-60}" -gt 0 ]; then
   echo "== float32 guidance_attention tiles"
   timeout "$GUIDANCE_TUNE_S" python3 scripts/tune_guidance_triton.py --dtype float32 --length 4096 \
-    --configs 64,64,4,2 32,32,4,2 > "$OUT/tune-guidance-fp32.txt" 2>&1 || status=1
+    --configs 64,64,4,2 16,32,4,2 > "$OUT/tune-guidance-fp32.txt" 2>&1 || status=1
   cat "$OUT/tune-guidance-fp32.txt"
 fi
 
