@@ -25,9 +25,9 @@ def check_tensor(op, name, value, *, shape=None, rank=None, like=None, floating=
         else:  # one comparison in C, a few microseconds less per op call than the loop (these run every call)
             mismatch = actual != shape
         if mismatch:
-            raise ValueError(f"{op}: {name} must have shape {format_shape(shape)}, got {tuple(actual)}")
+            raise ValueError(f"{op}: {name} must have shape {format_shape(shape)}, got {format_shape(actual)}")
     elif rank is not None and value.dim() != rank:
-        raise ValueError(f"{op}: {name} must have rank {rank}, got shape {tuple(value.shape)}")
+        raise ValueError(f"{op}: {name} must have rank {rank}, got shape {format_shape(value.shape)}")
     if like is not None:
         if floating and value.dtype != like.dtype:
             raise ValueError(
@@ -39,4 +39,6 @@ def check_tensor(op, name, value, *, shape=None, rank=None, like=None, floating=
 
 
 def format_shape(shape):
-    return "(" + ", ".join("any" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+    """"(2, any, 8)", like a tuple's repr. Each size goes through an f-string, not str() or repr(): under
+    torch.compile with dynamic shapes the sizes are SymInts, and Dynamo formats those only that way."""
+    return "(" + ", ".join("any" if s is None else f"{s}" for s in shape) + ("," if len(shape) == 1 else "") + ")"

@@ -153,6 +153,17 @@ def test_bad_input_names_the_argument(change, error, name):
         sk.shift_expand(**kwargs, backend="auto")
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_bad_shape_names_the_argument(dynamic):
+    # While torch.compile traces, the sizes are SymInts when dynamic, which Dynamo cannot format with str():
+    # the message must still be made. Under fullgraph Dynamo wraps the ValueError in an exception of its own.
+    compiled = torch.compile(lambda **kwargs: sk.shift_expand(**kwargs, backend="reference"), fullgraph=True,
+                             dynamic=dynamic)
+    compiled(**_good())
+    with pytest.raises(Exception, match=r"scale_local must have shape \(2, 3, 4\), got \(2, 5, 4\)"):
+        compiled(**{**_good(), "scale_local": torch.randn(2, 5, 4)})
+
+
 def test_backend_selection_errors():
     check_backend_selection_errors(sk.shift_expand, _good)
 

@@ -6,7 +6,7 @@ from torch import Tensor
 import python_ref
 
 from .._backend import check_backend_dtype, resolve_backend
-from .._checks import check_tensor
+from .._checks import check_tensor, format_shape
 from ._library import register_kernel_ops
 
 OP = "cohort_mutual_loss"
@@ -59,7 +59,8 @@ def _check_arguments(outputs, teacher_weights, kind):
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"{OP}: kind must be one of {KINDS}, got {kind!r}")
     if students > 0 and classes == 0:
-        raise ValueError(f"{OP}: outputs must have at least one class (C >= 1), got shape {tuple(outputs.shape)}")
+        raise ValueError(f"{OP}: outputs must have at least one class (C >= 1), "
+                         f"got shape {format_shape(outputs.shape)}")
 
 
 def checked_total_weight(teacher_weights):

@@ -8,7 +8,7 @@ from torch import Tensor
 import python_ref
 
 from .._backend import check_backend_dtype, resolve_backend
-from .._checks import check_tensor
+from .._checks import check_tensor, format_shape
 from ._library import register_kernel_ops
 
 OP = "skew_pair_project"
@@ -107,7 +107,7 @@ def _check_arguments(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b):
     elif weight_a.dim() == 3:
         weight_shape = (num_pairs, None, in_features)
     else:
-        raise ValueError(f"{OP}: weight_a must have shape (F, E) or (P, F, E), got {tuple(weight_a.shape)}")
+        raise ValueError(f"{OP}: weight_a must have shape (F, E) or (P, F, E), got {format_shape(weight_a.shape)}")
     check_tensor(OP, "weight_a", weight_a, shape=weight_shape, like=ha)
     out_features = weight_a.shape[-2]
     bias_shape = (out_features,) if weight_a.dim() == 2 else (num_pairs, out_features)
