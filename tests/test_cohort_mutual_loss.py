@@ -207,12 +207,23 @@ def test_torch_compile_fullgraph(backend, kind):
     torch.testing.assert_close(grad, expected_grad)
 
 
-@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
-def test_compiled_graph_still_checks_the_weights():
-    compiled = torch.compile(lambda o, w: sk.cohort_mutual_loss(o, w, backend="cpu"), fullgraph=True)
-    compiled(torch.randn(2, 3, 4), torch.tensor([1.0, 1.0]))
-    with pytest.raises(ValueError, match="teacher_weights"):
-        compiled(torch.randn(2, 3, 4), torch.tensor([1.0, -1.0]))
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if b in sk.backends()])
+def test_compiled_graph_still_checks_the_weights(backend, dynamic):
+    # A compiled graph cannot read the weights while it is traced: every backend checks them at run time.
+    compiled = torch.compile(lambda o, w: sk.cohort_mutual_loss(o, w, backend=backend), fullgraph=True,
+                             dynamic=dynamic)
+    outputs = torch.randn(2, 3, 4)
+    weights = torch.tensor([1.0, 0.5])
+    torch.testing.assert_close(compiled(outputs, weights), python_ref.cohort_mutual_loss(outputs, weights))
+    for bad, match in ((torch.tensor([1.0, -1.0]), "finite and >= 0"), (torch.zeros(2), "positive sum")):
+        with pytest.raises(ValueError, match=f"teacher_weights must (be|have a) {match}"):
+            compiled(outputs, bad)
+
+
+def test_opcheck_reference_weight_check():
+    # The op that checks the reference's weights in a compiled graph (test_compiled_graph_still_checks_the_weights).
+    torch.library.opcheck(torch.ops.stepfusion.cohort_mutual_loss_checked_weights.default, (torch.tensor([1.0, 0.0]),))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -463,6 +463,28 @@ def test_bad_input_names_the_argument(change, error, name):
         sk.skew_pair_project(**kwargs, backend="auto")
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if b in sk.backends()])
+def test_compiled_graph_still_checks_the_pairs(backend, dynamic):
+    # A compiled graph cannot read the pairs while it is traced: every backend checks their range at run time
+    # instead (the reference's indexing would wrap a negative index around and give a wrong answer).
+    def project(ha, hb, pairs, weight_a, bias_a):
+        return sk.skew_pair_project(ha, hb, pairs, weight_a, bias_a, backend=backend)
+
+    compiled = torch.compile(project, fullgraph=True, dynamic=dynamic)
+    args = [_good()[name] for name in ("ha", "hb", "pairs", "weight_a", "bias_a")]
+    for result, expected in zip(compiled(*args), python_ref.skew_pair_project(*args)):
+        torch.testing.assert_close(result, expected)
+    for column, pairs in ((0, [[3, 2], [4, 0]]), (1, [[3, 2], [0, -1]])):
+        with pytest.raises((ValueError, RuntimeError), match=rf"pairs\[:, {column}\] must lie in"):
+            compiled(*args[:2], torch.tensor(pairs), *args[3:])
+
+
+def test_opcheck_reference_pair_check():
+    # The op that checks the reference's pairs in a compiled graph (test_compiled_graph_still_checks_the_pairs).
+    torch.library.opcheck(torch.ops.stepfusion.skew_pair_project_checked_pairs.default, (_good()["pairs"], 4, 3))
+
+
 @pytest.mark.parametrize("num_pairs", [1, 256, 257, 1000])
 @pytest.mark.parametrize(("position", "column", "value"), [(0, 0, 4), (-1, 1, 3), (-1, 0, -1)])
 def test_pair_range_check_finds_the_one_bad_pair(num_pairs, position, column, value):

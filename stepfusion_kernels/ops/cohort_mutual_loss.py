@@ -42,8 +42,11 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
     backend = resolve_backend(OP, backend, outputs.device, GPU_ORDER)
     check_backend_dtype(OP, backend, outputs.dtype)
     if backend == "reference":
-        # Reading the weights' values would break a compiled graph; the kernel ops check them at run time.
-        if not torch.compiler.is_compiling():
+        # Reading the weights' values would break a compiled graph: there an op checks them at run time, as
+        # the kernel ops do. The reference detaches the weights anyway.
+        if torch.compiler.is_compiling():
+            teacher_weights = torch.ops.stepfusion.cohort_mutual_loss_checked_weights(teacher_weights.detach())
+        else:
             checked_total_weight(teacher_weights)
         return python_ref.cohort_mutual_loss(outputs, teacher_weights, kind)
     forward_op = (torch.ops.stepfusion.cohort_mutual_loss_triton if backend == "triton"
@@ -74,6 +77,19 @@ def checked_total_weight(teacher_weights):
     if host.numel() > 0 and not total > 0:
         raise ValueError(f"{OP}: teacher_weights must have a positive sum, got {total}")
     return total
+
+
+# The reference's weight check inside a compiled graph: a copy of the weights (an op may not return its
+# input), made after checking them on the host.
+@torch.library.custom_op("stepfusion::cohort_mutual_loss_checked_weights", mutates_args=())
+def _checked_weights(teacher_weights: Tensor) -> Tensor:
+    checked_total_weight(teacher_weights)
+    return teacher_weights.clone()
+
+
+@_checked_weights.register_fake
+def _(teacher_weights):
+    return torch.empty_like(teacher_weights)
 
 
 # The Triton kernels as their own op, so that they run under torch.compile and opcheck like the C++ ones.

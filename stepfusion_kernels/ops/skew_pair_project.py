@@ -46,14 +46,17 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
     _check_arguments(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b)
     backend = resolve_backend(OP, backend, ha.device, GPU_ORDER)
     check_backend_dtype(OP, backend, ha.dtype)
-    # A data-dependent check: skipped while torch.compile traces (the kernels check the range
-    # themselves at run time, raising RuntimeError).
+    # A data-dependent check, which torch.compile cannot trace: the kernel ops check the range themselves at
+    # run time (RuntimeError), and the reference, which would wrap a negative index around, gets an op
+    # that checks it at run time.
     if not torch.compiler.is_compiling():
         if backend == "cuda" and pairs.device.type != "cpu":
             # The C++ op plans its GEMMs from pairs on the host: one copy here serves the check, the
             # forward and the backward, instead of a copy and a wait in each.
             pairs = pairs.cpu()
         _check_pair_range(pairs, ha.shape[0], hb.shape[0], ValueError)
+    elif backend == "reference":
+        pairs = torch.ops.stepfusion.skew_pair_project_checked_pairs(pairs, ha.shape[0], hb.shape[0])
     args = (ha, hb, pairs, weight_a, bias_a, weight_b, bias_b)
     if backend == "reference":
         return python_ref.skew_pair_project(*args)
@@ -135,6 +138,19 @@ def _check_pair_range(pairs, layers_a, layers_b, error):
         if low[column] < 0 or high[column] >= layers:
             raise error(f"{OP}: pairs[:, {column}] must lie in [0, {name} = {layers}), got values in "
                         f"[{low[column]}, {high[column]}]")
+
+
+# The reference's pair range check inside a compiled graph: a copy of pairs (an op may not return its input),
+# made after checking them on the host.
+@torch.library.custom_op("stepfusion::skew_pair_project_checked_pairs", mutates_args=())
+def _checked_pairs(pairs: Tensor, layers_a: int, layers_b: int) -> Tensor:
+    _check_pair_range(pairs, layers_a, layers_b, ValueError)
+    return pairs.clone()
+
+
+@_checked_pairs.register_fake
+def _(pairs, layers_a, layers_b):
+    return torch.empty_like(pairs)
 
 
 # The Triton kernels as their own op, so that they run under torch.compile and opcheck like the C++ ones.
