@@ -135,6 +135,15 @@ def test_layer_stack_encoder_yields_every_layer_and_classifies_from_the_last_tok
         encoder.hidden_states(torch.randn(2, 8, 5))
 
 
+def test_compiled_encoder_names_the_bad_shape():
+    # Under torch.compile(dynamic=True) the sizes are symbols while traced: the message must show the numbers.
+    encoder = LayerStackEncoder(5, 7, 3, dim=16, heads=2, layers=4, ffn_dim=32).eval()
+    compiled = torch.compile(encoder.hidden_states, fullgraph=True, dynamic=True)
+    compiled(torch.randn(2, 6, 5))
+    with pytest.raises(Exception, match=r"T <= 7, features\), got \(2, 9, 5\)"):
+        compiled(torch.randn(2, 9, 5))
+
+
 def test_hugging_face_adapter_with_a_tiny_random_bert():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(4)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import format_shape
 from ..nn import SkewPairProjection
 from ..ops import guidance_attention, skew_pairs
 
@@ -61,7 +62,7 @@ class LayerStackEncoder(nn.Module):
     def hidden_states(self, x):
         if x.dim() != 3 or x.shape[1] + 1 > self.position.shape[0]:
             raise ValueError(f"LayerStackEncoder: x must be (N, T <= {self.position.shape[0] - 1}, features), "
-                             f"got {tuple(x.shape)}")
+                             f"got {format_shape(x.shape)}")
         tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
         hidden = self.dropout(tokens + self.position[: tokens.shape[1]])
         states = []
@@ -138,7 +139,7 @@ class SkewPairFusionBlock(nn.Module):
             if stack.dim() not in ranks or stack.shape[-1] != self.dim:
                 shape = "(L, N, dim)" if self.attention == "batch" else "(L, N, dim) or (L, N, T, dim)"
                 raise ValueError(f"SkewPairFusionBlock ({self.attention} mode): {name} must be {shape} with "
-                                 f"dim={self.dim}, got {tuple(stack.shape)}")
+                                 f"dim={self.dim}, got {format_shape(stack.shape)}")
         if self.attention == "batch":
             return self._fuse_batch(ha, hb, pairs)
         return self._fuse_sample(ha, hb, pairs)
@@ -197,7 +198,7 @@ class SSFN(nn.Module):
             pairs = skew_pairs(skew, num_pairs, layers[0], layers[1], anchor=anchor)
         pairs = torch.as_tensor(pairs, dtype=torch.int64)
         if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.shape[0] < 1:
-            raise ValueError(f"SSFN: pairs must be (P >= 1, 2) layer indices, got shape {tuple(pairs.shape)}")
+            raise ValueError(f"SSFN: pairs must be (P >= 1, 2) layer indices, got shape {format_shape(pairs.shape)}")
         self.register_buffer("pairs", pairs.clone())
         self.attention = attention
         self.block = SkewPairFusionBlock(dim, heads, ffn_dim, attention=attention, dropout=dropout, backend=backend)

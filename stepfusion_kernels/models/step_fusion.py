@@ -15,6 +15,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .._checks import format_shape
 from ..nn import GuidanceAttention, StepShiftExpand
 
 HEADS = ("forecast", "classify")
@@ -153,7 +154,7 @@ class StepFusionNet(nn.Module):
             return forecast
         if skip is None or skip.shape[1:] != (self.config.skip_len, self.config.out_vars):
             raise ValueError(f"skip must be (B, {self.config.skip_len}, {self.config.out_vars}), got "
-                             f"{None if skip is None else tuple(skip.shape)}")
+                             f"{None if skip is None else format_shape(skip.shape)}")
         return forecast + self.skip(skip.transpose(1, 2)).transpose(1, 2)
 
     def num_parameters(self):
