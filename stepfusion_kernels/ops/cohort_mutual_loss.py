@@ -5,6 +5,7 @@ from torch import Tensor
 
 import python_ref
 
+from .._autocast import autocast_inputs, reference_context
 from .._backend import check_backend_dtype, resolve_backend
 from .._checks import check_tensor, format_shape
 from ._library import register_kernel_ops
@@ -21,7 +22,8 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
 
     outputs (S, N, C): the logits (kind="kl") or predictions (kind="mse") of S students on one batch of N
     samples with C classes; teacher_weights (S,): w_j >= 0 with W = sum_j w_j > 0 (zero for a student that
-    does not teach), same dtype and device as outputs. Returns penalty (S,) in outputs' dtype::
+    does not teach), same dtype and device as outputs. Returns penalty (S,) in outputs' dtype (inside
+    torch.autocast both are first cast to float32, as for PyTorch's losses, unless one is float64)::
 
         kl:  penalty_i = 1/(N W) * sum_n sum_j w_j * KL(softmax(outputs[j, n]) || softmax(outputs[i, n]))
         mse: penalty_i = 1/(N C W) * sum_n sum_j w_j * ||outputs[j, n] - outputs[i, n]||^2
@@ -38,6 +40,7 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
     Double backward is not supported by the kernel backends: it raises RuntimeError (use backend="reference"
     for it).
     """
+    outputs, teacher_weights = autocast_inputs("float32", (outputs, teacher_weights))
     _check_arguments(outputs, teacher_weights, kind)
     backend = resolve_backend(OP, backend, outputs.device, GPU_ORDER)
     check_backend_dtype(OP, backend, outputs.dtype)
@@ -48,7 +51,8 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
             teacher_weights = torch.ops.stepfusion.cohort_mutual_loss_checked_weights(teacher_weights.detach())
         else:
             checked_total_weight(teacher_weights)
-        return python_ref.cohort_mutual_loss(outputs, teacher_weights, kind)
+        with reference_context(outputs):
+            return python_ref.cohort_mutual_loss(outputs, teacher_weights, kind)
     forward_op = (torch.ops.stepfusion.cohort_mutual_loss_triton if backend == "triton"
                   else torch.ops.stepfusion.cohort_mutual_loss)
     penalty, _, _ = forward_op(outputs, teacher_weights, kind)

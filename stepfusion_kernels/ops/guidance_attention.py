@@ -7,6 +7,7 @@ from torch import Tensor
 
 import python_ref
 
+from .._autocast import autocast_inputs, reference_context
 from .._backend import check_backend_dtype, resolve_backend
 from .._checks import check_tensor
 from ._library import register_kernel_ops
@@ -31,21 +32,24 @@ def guidance_attention(q, k, v, k_global=None, v_global=None, window=-1, scale=N
         scores_ij = scale * <q_i, k_j>  (allowed j),   scores_ig = scale * <q_i, k_global_g>
         o_i = softmax(scores_i) @ [v_allowed ; v_global]
 
-    scale defaults to Dh ** -0.5. Returns o of shape (B, H, Lq, Dh) and q's dtype. Gradients reach q, k,
-    v, k_global and v_global. The kernels are flash-attention style: online softmax over the key blocks
-    that intersect each query block's band (work about Lq * (2 window + 1 + G), not Lq * Lk), fp32
-    accumulation (fp64 for fp64), and a backward that recomputes the probabilities from the saved row
+    scale defaults to Dh ** -0.5. Returns o of shape (B, H, Lq, Dh) and q's dtype (inside torch.autocast
+    the inputs are first cast to its dtype, as for PyTorch's attention, unless one is float64). Gradients
+    reach q, k, v, k_global and v_global. The kernels are flash-attention style: online softmax over the
+    key blocks that intersect each query block's band (work about Lq * (2 window + 1 + G), not Lq * Lk),
+    fp32 accumulation (fp64 for fp64), and a backward that recomputes the probabilities from the saved row
     logsumexp; the global-token gradients are reduced in a fixed order (bitwise reproducible).
     Lk may be 0 when global tokens are given. The cuda and triton backends take Dh in
     {16, 32, 64, 128}; the cpu backend any Dh. backend: "auto", "reference", "cpu", "cuda" or "triton"
     (see `stepfusion_kernels.backends()`). Double backward is not supported by the kernel backends: it raises
     RuntimeError (use backend="reference" for it).
     """
+    q, k, v, k_global, v_global = autocast_inputs("lower", (q, k, v, k_global, v_global))
     scale = _check_arguments(q, k, v, k_global, v_global, window, scale)
     backend = resolve_backend(OP, backend, q.device, GPU_ORDER)
     check_backend_dtype(OP, backend, q.dtype)
     if backend == "reference":
-        return python_ref.guidance_attention(q, k, v, k_global, v_global, window=window, scale=scale)
+        with reference_context(q):
+            return python_ref.guidance_attention(q, k, v, k_global, v_global, window=window, scale=scale)
     if backend in ("cuda", "triton") and q.shape[-1] not in GPU_HEAD_DIMS:
         raise ValueError(f"{OP}: backend {backend!r} supports head dims {GPU_HEAD_DIMS} (q.shape[-1]), "
                          f"got {q.shape[-1]}; the cpu and reference backends take any")

@@ -7,6 +7,7 @@ from torch import Tensor
 
 import python_ref
 
+from .._autocast import autocast_inputs, reference_context
 from .._backend import check_backend_dtype, resolve_backend
 from .._checks import check_tensor
 from ._library import register_kernel_ops
@@ -31,16 +32,19 @@ def shift_expand(x, scale_local=None, shift_local=None, scale_global=None, shift
         y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias      # over D, biased variance
 
     Gradients reach every tensor argument (global ones summed over L; gate, weight, bias over B and L).
-    Arithmetic is fp32 (fp64 for fp64 inputs); y has x's dtype. backend: "auto", "reference", "cpu",
-    "cuda" or "triton" (see `stepfusion_kernels.backends()`). Double backward is not supported by the
-    kernel backends: it raises RuntimeError (use backend="reference" for it).
+    Arithmetic is fp32 (fp64 for fp64 inputs); y has x's dtype. The inputs share one dtype, except inside
+    torch.autocast, where they are first cast to the widest of theirs (none when one is float64).
+    backend: "auto", "reference", "cpu", "cuda" or "triton" (see `stepfusion_kernels.backends()`). Double
+    backward is not supported by the kernel backends: it raises RuntimeError (use backend="reference" for it).
     """
-    _check_arguments(x, scale_local, shift_local, scale_global, shift_global, gate, weight, bias, eps)
+    args = autocast_inputs("promote", (x, scale_local, shift_local, scale_global, shift_global, gate, weight, bias))
+    _check_arguments(*args, eps)
+    x = args[0]
     backend = resolve_backend(OP, backend, x.device, GPU_ORDER)
     check_backend_dtype(OP, backend, x.dtype)
-    args = (x, scale_local, shift_local, scale_global, shift_global, gate, weight, bias)
     if backend == "reference":
-        return python_ref.shift_expand(*args, eps=eps)
+        with reference_context(x):
+            return python_ref.shift_expand(*args, eps=eps)
     forward_op = torch.ops.stepfusion.shift_expand_triton if backend == "triton" else torch.ops.stepfusion.shift_expand
     y, _, _ = forward_op(*args, float(eps))
     return y

@@ -7,6 +7,7 @@ from torch import Tensor
 
 import python_ref
 
+from .._autocast import autocast_inputs, reference_context
 from .._backend import check_backend_dtype, resolve_backend
 from .._checks import check_tensor, format_shape
 from ._library import register_kernel_ops
@@ -37,12 +38,15 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
     Gradients reach ha, hb and the weights and biases; a layer used by several pairs (or a weight
     shared by the pairs / the two modalities) gets the sum of their contributions, added in a fixed
     order, so the backward is bitwise reproducible. Arithmetic is fp32 (fp64 for fp64 inputs); pa
-    and pb have ha's dtype. backend: "auto", "reference", "cpu", "cuda" (cuBLASLt pointer-array GEMMs,
+    and pb have ha's dtype (inside torch.autocast the inputs are first cast to its dtype, as for a linear
+    layer, unless one is float64). backend: "auto", "reference", "cpu", "cuda" (cuBLASLt pointer-array GEMMs,
     the operands read in place; STEPFUSION_SKEW_FORWARD and STEPFUSION_SKEW_WEIGHT_GROUPS select its
     opt-in variants, see the README) or "triton" (with STEPFUSION_SKEW_TRITON_TMA=1, its tiles move by
     TMA descriptors where the GPU and shapes allow). Double backward is not supported by the kernel backends
     (it raises RuntimeError; use backend="reference" for it).
     """
+    ha, hb, pairs, weight_a, bias_a, weight_b, bias_b = autocast_inputs(
+        "lower", (ha, hb, pairs, weight_a, bias_a, weight_b, bias_b))
     _check_arguments(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b)
     backend = resolve_backend(OP, backend, ha.device, GPU_ORDER)
     check_backend_dtype(OP, backend, ha.dtype)
@@ -59,7 +63,8 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
         pairs = torch.ops.stepfusion.skew_pair_project_checked_pairs(pairs, ha.shape[0], hb.shape[0])
     args = (ha, hb, pairs, weight_a, bias_a, weight_b, bias_b)
     if backend == "reference":
-        return python_ref.skew_pair_project(*args)
+        with reference_context(ha):
+            return python_ref.skew_pair_project(*args)
     forward_op = (torch.ops.stepfusion.skew_pair_project_triton if backend == "triton"
                   else torch.ops.stepfusion.skew_pair_project)
     return forward_op(*args)
