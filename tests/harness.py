@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import stepfusion_kernels
+from stepfusion_kernels._backend import triton_interpreted
 
 # ||out - ref|| / ||ref|| bounds of SPEC.md, per dtype; an op may loosen float32 (guidance_attention).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -51,11 +52,18 @@ class OpUnderTest:
         return self.float32_tolerance if dtype == torch.float32 else TOLERANCE[dtype]
 
 
+def host_backends(*names):
+    """The backends among `names` that take CPU tensors here. Triton does only through its interpreter, which
+    runs where there is no GPU; on a GPU machine its tests take CUDA tensors."""
+    usable = stepfusion_kernels.backends()
+    return [name for name in names
+            if name in usable and name != "cuda" and (name != "triton" or triton_interpreted())]
+
+
 def backend_params(only=None):
     """(backend, device) pairs: the CPU ones, and the GPU ones (skipped without a GPU); only the backends
     named in `only` when it is given."""
-    usable = stepfusion_kernels.backends()
-    params = [pytest.param(name, "cpu", id=f"{name}-cpu") for name in ("reference", "cpu", "triton") if name in usable]
+    params = [pytest.param(name, "cpu", id=f"{name}-cpu") for name in host_backends("reference", "cpu", "triton")]
     params += [pytest.param(name, "cuda", id=f"{name}-cuda", marks=NEEDS_GPU) for name in ("cuda", "triton")]
     return [param for param in params if only is None or param.values[0] in only]
 

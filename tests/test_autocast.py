@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import stepfusion_kernels as sk
-from harness import NEEDS_GPU, randn, seeded_generator
+from harness import NEEDS_GPU, host_backends, randn, seeded_generator
 
 AUTOCAST_DTYPE = torch.bfloat16  # the CPU's autocast dtype (float16 is not a dtype of the cpu backend)
 # (backend, device, autocast dtype): on a GPU, autocast's own default, float16.
 PLACES = [pytest.param(backend, "cpu", AUTOCAST_DTYPE, id=f"{backend}-cpu")
-          for backend in ("reference", "cpu", "triton") if backend in sk.backends()]
+          for backend in host_backends("reference", "cpu", "triton")]
 PLACES += [pytest.param(backend, "cuda", torch.float16, id=f"{backend}-cuda", marks=NEEDS_GPU)
            for backend in ("reference", "cuda", "triton")]
 

@@ -6,7 +6,7 @@ import python_ref
 import stepfusion_kernels as sk
 from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, kernel_op_params, randn, seeded_generator)
+                     check_double_backward_raises, host_backends, kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.cohort_mutual_loss, ref=python_ref.cohort_mutual_loss)
 KINDS = ("kl", "mse")
@@ -188,7 +188,7 @@ def test_gradcheck_cpu_float64(kind):
     assert torch.autograd.gradcheck(student_penalties, (students,))
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in sk.backends()])
+@pytest.mark.parametrize("backend", host_backends("cpu", "triton"))
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_compile_fullgraph(backend, kind):
     generator = seeded_generator("compile", backend, kind)
@@ -208,7 +208,7 @@ def test_torch_compile_fullgraph(backend, kind):
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if b in sk.backends()])
+@pytest.mark.parametrize("backend", host_backends("reference", "cpu", "triton"))
 def test_compiled_graph_still_checks_the_weights(backend, dynamic):
     # A compiled graph cannot read the weights while it is traced: every backend checks them at run time.
     compiled = torch.compile(lambda o, w: sk.cohort_mutual_loss(o, w, backend=backend), fullgraph=True,
@@ -266,7 +266,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("change", "error", "name"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
-@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if b in sk.backends()])
+@pytest.mark.parametrize("backend", host_backends("reference", "cpu", "triton"))
 def test_bad_input_names_the_argument(change, error, name, backend):
     kwargs = {**_good(), **change}
     with pytest.raises(error, match=name):

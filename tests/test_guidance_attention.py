@@ -4,9 +4,9 @@ import torch
 import python_ref
 import stepfusion_kernels as sk
 from stepfusion_kernels._backend import triton_interpreted
-from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
+from harness import (HAS_CUDA, KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, kernel_op_params, prepare_inputs, randn,
+                     check_double_backward_raises, check_empty, host_backends, kernel_op_params, prepare_inputs, randn,
                      seeded_generator)
 
 OP = OpUnderTest(fn=sk.guidance_attention, ref=python_ref.guidance_attention, float32_tolerance=1e-4)
@@ -138,7 +138,7 @@ def test_gradcheck_cpu_float64():
     assert torch.autograd.gradcheck(lambda *a: sk.guidance_attention(*a, window=2, backend="cpu"), args)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in sk.backends()])
+@pytest.mark.parametrize("backend", host_backends("cpu", "triton"))
 def test_torch_compile_fullgraph(backend):
     generator = seeded_generator("compile", backend)
     args = [randn(generator, *shape).float().requires_grad_()
@@ -232,7 +232,8 @@ def test_backend_selection_errors():
 
 @pytest.mark.skipif("triton" not in sk.backends(), reason="triton is not usable here")
 def test_triton_rejects_unsupported_head_dims():
-    kwargs = {name: (t[..., :12] if isinstance(t, torch.Tensor) else t) for name, t in _good().items()}
+    device = "cuda" if HAS_CUDA else "cpu"  # Triton takes CPU tensors only through its interpreter
+    kwargs = {name: (t[..., :12].to(device) if isinstance(t, torch.Tensor) else t) for name, t in _good().items()}
     with pytest.raises(ValueError, match="head dim"):
         sk.guidance_attention(**kwargs, backend="triton")
 

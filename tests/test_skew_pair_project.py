@@ -5,7 +5,8 @@ import python_ref
 import stepfusion_kernels as sk
 from harness import (HAS_CUDA, KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, kernel_op_params, randn, seeded_generator)
+                     check_double_backward_raises, check_empty, host_backends, kernel_op_params, randn,
+                     seeded_generator)
 
 OP = OpUnderTest(fn=sk.skew_pair_project, ref=python_ref.skew_pair_project)
 REPEATED = ((0, 1), (4, 3), (0, 1), (2, 0), (4, 1))  # pair 0 and 2 repeat; A layer 4 and B layer 1 twice
@@ -251,7 +252,7 @@ def test_empty_inputs_give_empty_outputs(shape, num_pairs, per_pair, backend, de
 def test_zero_in_features_give_the_bias():
     ha, hb = torch.randn(2, 3, 0), torch.randn(2, 3, 0)
     bias = torch.randn(4)
-    for backend in [b for b in ("cpu", "triton") if b in sk.backends()]:
+    for backend in host_backends("cpu", "triton"):
         pa, pb = sk.skew_pair_project(ha, hb, torch.tensor([[1, 0]]), torch.randn(4, 0), bias, backend=backend)
         torch.testing.assert_close(pa, bias.expand(1, 3, 4), rtol=0, atol=0)
         torch.testing.assert_close(pb, bias.expand(1, 3, 4), rtol=0, atol=0)
@@ -283,7 +284,7 @@ def test_gradient_of_a_repeated_layer_is_the_sum_over_its_pairs():
     generator = seeded_generator("repeat")
     ha, hb = randn(generator, 2, 5, 6).requires_grad_(), randn(generator, 2, 5, 6).requires_grad_()
     weight = randn(generator, 3, 6)
-    for backend in [b for b in ("cpu", "triton") if b in sk.backends()]:
+    for backend in host_backends("cpu", "triton"):
         dtype = torch.float64 if backend == "cpu" else torch.float32
         h_a, h_b = ha.detach().to(dtype).requires_grad_(), hb.detach().to(dtype).requires_grad_()
         pa, pb = sk.skew_pair_project(h_a, h_b, torch.tensor([[1, 0], [1, 0], [1, 1]]), weight.to(dtype),
@@ -341,7 +342,7 @@ def test_gradcheck_cpu_float64(per_pair, separate_b):
     assert torch.autograd.gradcheck(project, tensors)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in sk.backends()])
+@pytest.mark.parametrize("backend", host_backends("cpu", "triton"))
 def test_torch_compile_fullgraph(backend):
     generator = seeded_generator("compile", backend)
     ha, hb, weight, bias = [randn(generator, *shape).float().requires_grad_()
@@ -464,7 +465,7 @@ def test_bad_input_names_the_argument(change, error, name):
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if b in sk.backends()])
+@pytest.mark.parametrize("backend", host_backends("reference", "cpu", "triton"))
 def test_compiled_graph_still_checks_the_pairs(backend, dynamic):
     # A compiled graph cannot read the pairs while it is traced: every backend checks their range at run time
     # instead (the reference's indexing would wrap a negative index around and give a wrong answer).
