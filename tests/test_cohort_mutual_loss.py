@@ -188,12 +188,12 @@ def test_gradcheck_cpu_float64(kind):
     assert torch.autograd.gradcheck(student_penalties, (students,))
 
 
-@pytest.mark.parametrize("backend", host_backends("cpu", "triton"))
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 @pytest.mark.parametrize("kind", KINDS)
-def test_torch_compile_fullgraph(backend, kind):
+def test_torch_compile_fullgraph(backend, device, kind):
     generator = seeded_generator("compile", backend, kind)
-    logits = randn(generator, 4, 6, 10).float().requires_grad_()
-    weights = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    logits = randn(generator, 4, 6, 10).float().to(device).requires_grad_()
+    weights = torch.tensor([1.0, 0.0, 0.5, 2.0], device=device)
 
     def loss(logits, weights):
         return sk.cohort_mutual_loss(logits * 2, weights, kind=kind, backend=backend).square()

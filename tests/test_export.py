@@ -5,9 +5,7 @@ import pytest
 import torch
 
 import stepfusion_kernels as sk
-from harness import host_backends, randn, seeded_generator
-
-BACKENDS = host_backends("reference", "cpu", "triton")
+from harness import backend_params, randn, seeded_generator
 
 
 class OneOp(torch.nn.Module):
@@ -19,8 +17,13 @@ class OneOp(torch.nn.Module):
         return self.fn(**tensors, **self.options, backend=self.backend)
 
 
-def inputs(op, generator):
-    """(tensors, options that are not tensors) of a small call."""
+def inputs(op, generator, device):
+    """(tensors on `device`, options that are not tensors) of a small call."""
+    tensors, options = cpu_inputs(op, generator)
+    return {name: tensor.to(device) for name, tensor in tensors.items()}, options
+
+
+def cpu_inputs(op, generator):
     if op == "shift_expand":
         return {"x": randn(generator, 2, 5, 16).float(), "scale_local": randn(generator, 2, 5, 16).float(),
                 "shift_global": randn(generator, 2, 16).float()}, {}
@@ -37,24 +40,24 @@ def as_tuple(value):
     return value if isinstance(value, tuple) else (value,)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize("op", ["shift_expand", "guidance_attention", "skew_pair_project", "cohort_mutual_loss"])
-def test_exported_program_matches_the_op(op, backend):
-    tensors, options = inputs(op, seeded_generator("export", op, backend))
+def test_exported_program_matches_the_op(op, backend, device):
+    tensors, options = inputs(op, seeded_generator("export", op, backend), device)
     module = OneOp(op, backend, **options)
     program = torch.export.export(module, (), tensors)
-    fresh, _ = inputs(op, seeded_generator("export-fresh", op, backend))
+    fresh, _ = inputs(op, seeded_generator("export-fresh", op, backend), device)
     for out, expected in zip(as_tuple(program.module()(**fresh)), as_tuple(module(**fresh)), strict=True):
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize(("op", "name", "bad", "match"), [
     ("skew_pair_project", "pairs", torch.tensor([[3, 2], [0, -1]]), r"pairs\[:, 1\] must lie in"),
     ("cohort_mutual_loss", "teacher_weights", torch.tensor([1.0, -1.0, 2.0]), "teacher_weights must be finite"),
 ], ids=["pairs", "weights"])
-def test_exported_program_checks_values(op, name, bad, match, backend):
-    tensors, options = inputs(op, seeded_generator("export-checks", op, backend))
+def test_exported_program_checks_values(op, name, bad, match, backend, device):
+    tensors, options = inputs(op, seeded_generator("export-checks", op, backend), device)
     program = torch.export.export(OneOp(op, backend, **options), (), tensors)
     with pytest.raises((ValueError, RuntimeError), match=match):
-        program.module()(**{**tensors, name: bad})
+        program.module()(**{**tensors, name: bad.to(device)})

@@ -6,7 +6,7 @@ import stepfusion_kernels as sk
 from stepfusion_kernels._backend import triton_interpreted
 from harness import (HAS_CUDA, KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, host_backends, kernel_op_params, prepare_inputs, randn,
+                     check_double_backward_raises, check_empty, kernel_op_params, prepare_inputs, randn,
                      seeded_generator)
 
 OP = OpUnderTest(fn=sk.guidance_attention, ref=python_ref.guidance_attention, float32_tolerance=1e-4)
@@ -138,10 +138,10 @@ def test_gradcheck_cpu_float64():
     assert torch.autograd.gradcheck(lambda *a: sk.guidance_attention(*a, window=2, backend="cpu"), args)
 
 
-@pytest.mark.parametrize("backend", host_backends("cpu", "triton"))
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
+def test_torch_compile_fullgraph(backend, device):
     generator = seeded_generator("compile", backend)
-    args = [randn(generator, *shape).float().requires_grad_()
+    args = [randn(generator, *shape).float().to(device).requires_grad_()
             for shape in ((2, 2, 9, 16), (2, 2, 13, 16), (2, 2, 13, 16), (2, 2, 3, 16), (2, 2, 3, 16))]
 
     def attend(q, k, v, k_global, v_global):

@@ -5,8 +5,7 @@ import python_ref
 import stepfusion_kernels as sk
 from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, host_backends, kernel_op_params, randn,
-                     seeded_generator)
+                     check_double_backward_raises, check_empty, kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.shift_expand, ref=python_ref.shift_expand)
 ALL_OPTIONAL = ("scale_local", "shift_local", "scale_global", "shift_global", "gate", "weight", "bias")
@@ -94,10 +93,11 @@ def test_gradcheck_cpu_float64():
     assert torch.autograd.gradcheck(lambda *a: sk.shift_expand(*a, backend="cpu"), args)
 
 
-@pytest.mark.parametrize("backend", host_backends("cpu", "triton"))
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
+def test_torch_compile_fullgraph(backend, device):
     generator = seeded_generator("compile", backend)
-    args = [randn(generator, *shape).float().requires_grad_() for shape in ((2, 5, 8), (2, 5, 8), (2, 8), (8,))]
+    args = [randn(generator, *shape).float().to(device).requires_grad_()
+            for shape in ((2, 5, 8), (2, 5, 8), (2, 8), (8,))]
 
     def step(x, scale_local, shift_global, weight):
         return sk.shift_expand(x, scale_local=scale_local, shift_global=shift_global, weight=weight, backend=backend)

@@ -342,12 +342,12 @@ def test_gradcheck_cpu_float64(per_pair, separate_b):
     assert torch.autograd.gradcheck(project, tensors)
 
 
-@pytest.mark.parametrize("backend", host_backends("cpu", "triton"))
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
+def test_torch_compile_fullgraph(backend, device):
     generator = seeded_generator("compile", backend)
-    ha, hb, weight, bias = [randn(generator, *shape).float().requires_grad_()
+    ha, hb, weight, bias = [randn(generator, *shape).float().to(device).requires_grad_()
                             for shape in ((4, 6, 8), (3, 6, 8), (5, 8), (5,))]
-    pairs = sk.skew_pairs(1, 2, 4, 3)
+    pairs = sk.skew_pairs(1, 2, 4, 3)  # on the CPU, also with CUDA inputs: the documented fast path
 
     def fuse(ha, hb, weight, bias):
         pa, pb = sk.skew_pair_project(ha, hb, pairs, weight, bias, backend=backend)
