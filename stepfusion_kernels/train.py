@@ -23,7 +23,7 @@ import torch
 from ._backend import BACKENDS
 from .tasks import TASKS
 from .tasks import meta_fusion, ssfn
-from .tasks.training import TrainingOptions, evaluate_ensemble, train
+from .tasks.training import AUTOCAST_DTYPES, TrainingOptions, evaluate_ensemble, train
 
 # Flag -> StepFusionConfig field, for the model options every task shares.
 MODEL_FLAGS = ("dim", "heads", "layers_a", "layers_b", "steps", "window", "global_tokens", "dropout",
@@ -40,6 +40,9 @@ def _add_common(parser):
     parser.add_argument("--ema-decay", type=float, default=0.0,
                         help="evaluate an exponential moving average of the weights with this decay (0: off)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--autocast", default="off", choices=tuple(AUTOCAST_DTYPES),
+                        help="run the forward passes under torch.autocast in this dtype (fp16 with a gradient "
+                             "scaler; the cpu backend takes bf16 only)")
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="backend of the fusion ops")
     parser.add_argument("--out", default=None, help="output directory (default: runs/TASK)")
     parser.add_argument("--seed", type=int, default=0)
@@ -111,8 +114,8 @@ def _train_member(args, seed, out):
     torch.manual_seed(seed)
     setup = TASKS[args.task].build(args, {flag: getattr(args, flag) for flag in MODEL_FLAGS})
     options = TrainingOptions(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, device=args.device, out=out,
-                              seed=seed, progress=not args.no_progress)
+                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, autocast=args.autocast,
+                              device=args.device, out=out, seed=seed, progress=not args.no_progress)
     return setup, options, train(setup, options)
 
 

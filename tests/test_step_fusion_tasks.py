@@ -280,6 +280,40 @@ def test_ema_checkpoint_is_the_moving_average_of_the_trained_weights(tmp_path):
         train(_synthetic_setup(seed=0), TrainingOptions(epochs=1, out=str(tmp_path), progress=False, ema_decay=1.0))
 
 
+def _with_backend(setup, backend):
+    for module in setup.model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+    return setup
+
+
+@pytest.mark.parametrize(("autocast", "dtype", "backend"), [("off", torch.float32, "cpu"),
+                                                            ("bf16", torch.bfloat16, "cpu"),
+                                                            ("fp16", torch.float16, "reference")])
+def test_autocast_runs_training_and_evaluation_forwards_in_its_dtype(tmp_path, autocast, dtype, backend):
+    setup = _with_backend(_synthetic_setup(seed=0), backend)
+    initial = {name: value.clone() for name, value in setup.model.state_dict().items()}
+    seen = []  # (training?, dtype of the classifier's logits) of every forward
+    setup.model.register_forward_hook(lambda module, args, output: seen.append((module.training, output.dtype)))
+    result = train(setup, TrainingOptions(epochs=1, batch_size=8, out=str(tmp_path), progress=False,
+                                          autocast=autocast))
+    assert {training for training, _ in seen} == {True, False}  # both training and evaluation were seen
+    assert {seen_dtype for _, seen_dtype in seen} == {dtype}
+    state = setup.model.state_dict()
+    assert all(value.dtype == initial[name].dtype and value.isfinite().all() for name, value in state.items())
+    assert any(not torch.equal(result.last_state[name], initial[name]) for name in initial)
+    assert json.loads((tmp_path / "metrics.json").read_text())["options"]["autocast"] == autocast
+
+
+def test_autocast_refuses_an_unknown_dtype_and_float16_on_the_cpu_backend(tmp_path):
+    with pytest.raises(ValueError, match="autocast must be one of off, bf16, fp16"):
+        train(_synthetic_setup(seed=0), TrainingOptions(epochs=1, out=str(tmp_path), progress=False,
+                                                        autocast="fp8"))
+    with pytest.raises(ValueError, match="backend 'cpu' supports .*bfloat16; got float16"):
+        train(_synthetic_setup(seed=0), TrainingOptions(epochs=1, out=str(tmp_path), progress=False,
+                                                        autocast="fp16"))
+
+
 def _ddp_worker(rank, world_size, port, out):
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -317,9 +351,12 @@ def test_cli_ett_end_to_end(tmp_path, capsys, loss):
 
 
 @needs_data
-def test_cli_ecg5000_end_to_end(tmp_path, capsys):
-    report = _run_cli("ecg5000", tmp_path, "--epochs", "1", "--max-steps", "2", "--batch-size", "8")
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
+def test_cli_ecg5000_end_to_end(tmp_path, capsys, autocast):
+    report = _run_cli("ecg5000", tmp_path, "--epochs", "1", "--max-steps", "2", "--batch-size", "8",
+                      "--autocast", autocast)
     assert report["steps"] == 2 and 0 <= report["test"]["accuracy"] <= 1
+    assert report["options"]["autocast"] == autocast
     # Validation: floor(20%) of each class (292, 177, 10, 19, 2 beats) = 58 + 35 + 2 + 3 + 0.
     assert report["setup"]["sizes"] == [402, 98, 4500]
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ecg5000 test: accuracy=")

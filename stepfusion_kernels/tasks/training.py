@@ -3,7 +3,9 @@ every epoch (and when the step budget runs out), the best-validation checkpoint 
 restored for the test, metrics.json, a PNG and one printed line of test metrics. With an empty
 validation split the checkpoint is the final weights. With `ema_decay` > 0 an exponential moving average
 of the weights (updated after every optimizer step) is what gets validated, checkpointed and tested.
-`evaluate_ensemble` tests the mean prediction of several trained models.
+With `autocast` "bf16" or "fp16" the forward passes (training and evaluation) run under torch.autocast
+in that dtype, float16 with a gradient scaler. `evaluate_ensemble` tests the mean prediction of several
+trained models.
 
 Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment) it trains with
 DistributedDataParallel: gloo on CPU, NCCL on CUDA, a DistributedSampler sharding each epoch, and
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 CHECKPOINT = "best.pt"
 METRICS = "metrics.json"
+AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass
@@ -61,6 +64,7 @@ class TrainingOptions:
     seed: int = 0
     progress: bool = True
     ema_decay: float = 0.0         # 0: evaluate the trained weights themselves
+    autocast: str = "off"          # a key of AUTOCAST_DTYPES: the forward passes' torch.autocast dtype
 
 
 @dataclasses.dataclass
@@ -98,10 +102,19 @@ def predict_split(setup, model, dataset, options, device):
     model.eval()
     predictions, targets = [], []
     for batch in DataLoader(dataset, batch_size=options.eval_batch_size, shuffle=False):
-        prediction, target = setup.predict(model, [t.to(device) for t in batch])
+        with _autocast(options, device):
+            prediction, target = setup.predict(model, [t.to(device) for t in batch])
         predictions.append((prediction.float() if prediction.is_floating_point() else prediction).cpu().numpy())
         targets.append(target.cpu().numpy())
     return np.concatenate(predictions), np.concatenate(targets)
+
+
+def _autocast(options, device):
+    """The torch.autocast context of `options.autocast` on `device` (a disabled one for "off")."""
+    if options.autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {options.autocast!r}")
+    dtype = AUTOCAST_DTYPES[options.autocast]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _cosine_schedule(step, total, warmup):
@@ -131,6 +144,9 @@ def train(setup, options):
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     if not 0.0 <= options.ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1), got {options.ema_decay}")
+    _autocast(options, device)  # checks options.autocast before any training
+    # float16's narrow range needs the loss scaled up before backward (bfloat16 has float32's range).
+    scaler = torch.amp.GradScaler(device.type, enabled=options.autocast == "fp16")
     average = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(options.ema_decay), use_buffers=True)
         if options.ema_decay > 0 else None)
@@ -168,10 +184,12 @@ def train(setup, options):
         bar = tqdm(loader, desc=f"{setup.name} epoch {epoch + 1}/{options.epochs}",
                    disable=not options.progress or rank != 0, leave=False)
         for batch in bar:
-            loss = setup.loss(trained, [t.to(device) for t in batch])
+            with _autocast(options, device):
+                loss = setup.loss(trained, [t.to(device) for t in batch])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             if average is not None:
                 average.update_parameters(model)
