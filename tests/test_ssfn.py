@@ -5,6 +5,7 @@ files, and a short sweep of each task end to end."""
 import json
 import math
 import os
+import sys
 import types
 import wave
 
@@ -256,6 +257,12 @@ def test_digits_pairs_are_speaker_and_image_disjoint_and_label_matched():
             assert not seen_images[first] & seen_images[second]
     train = data.splits["train"][0]
     np.testing.assert_allclose(audio[train].mean(axis=(0, 1)), 0, atol=1e-4)
+
+
+def test_digits_task_without_scikit_learn_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # a None entry makes the import fail
+    with pytest.raises(ImportError, match=r"pip install scikit-learn \(or stepfusion-kernels\[ssfn\]\)"):
+        tasks.load_digits_task(types.SimpleNamespace(data=None, seed=0, max_samples=None))
 
 
 @needs_data

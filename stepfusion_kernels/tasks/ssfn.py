@@ -133,7 +133,11 @@ def audio_tokens(signals):
 
 
 def load_digits_task(args):
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("ssfn-digits pairs the recordings with scikit-learn's bundled 8x8 digit images: "
+                          "pip install scikit-learn (or stepfusion-kernels[ssfn])") from error
 
     rng = np.random.default_rng(args.seed)
     signals, digits, speakers, _ = fsdd.read_fsdd(resolve_data_path(args.data, "fsdd"))
