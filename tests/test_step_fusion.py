@@ -75,6 +75,30 @@ def test_shared_steps_reuse_one_set_of_weights():
     assert shared.steps[0] is shared.steps[2]
 
 
+@pytest.mark.parametrize("share_steps", [False, True])
+@pytest.mark.parametrize("steps", [0, 1, 3])
+@pytest.mark.parametrize("head", ["classify", "forecast"])
+def test_every_parameter_gets_a_gradient(head, steps, share_steps):
+    # DistributedDataParallel refuses a parameter that takes no part in the loss. The forecast head reads
+    # A only, so the model has no B half-step after A's last one (and no B encoder without steps).
+    model = make(head, steps=steps, share_steps=share_steps)
+    a, b, skip = inputs()
+    model(a, b, skip if head == "forecast" else None).square().sum().backward()
+    unused = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+    assert not unused
+
+
+def test_forecast_model_starts_from_the_classify_models_weights():
+    # The forecast head's dropped half-step is made and then dropped, so the random initialisation of
+    # everything else is that of a model with every half-step.
+    forecast, classify = make("forecast", steps=2).state_dict(), make("classify", steps=2).state_dict()
+    assert not any(name.startswith("steps.1.b_from_a.") for name in forecast)
+    shared = [name for name in forecast if name in classify]
+    assert len(shared) == len(forecast) - 4  # all but the forecast and skip maps' weights and biases
+    for name in shared:
+        assert torch.equal(forecast[name], classify[name]), name
+
+
 def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="head"):
         StepFusionConfig(in_a=1, in_b=1, max_len_a=4, max_len_b=4, head="regress")

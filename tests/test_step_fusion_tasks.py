@@ -241,18 +241,28 @@ def _free_port():
         return probe.getsockname()[1]
 
 
-def _synthetic_setup(seed):
+def _synthetic_setup(seed, head="classify"):
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(48, 12, 2, generator=generator), torch.randn(48, 5, 3, generator=generator)
-    labels = (a.mean(dim=(1, 2)) > 0).long()
-    data = torch.utils.data.TensorDataset(a, b, labels)
     torch.manual_seed(seed)  # different initial weights on each rank: DDP must broadcast rank 0's
-    config = StepFusionConfig(in_a=2, in_b=3, max_len_a=12, max_len_b=5, head="classify", num_classes=2, dim=8,
-                              heads=2, steps=1, dropout=0.0, backend="cpu")
-    return TaskSetup(name="synthetic", model=StepFusionNet(config), train=data, validation=data, test=data,
-                     loss=common.classification_loss, predict=common.classification_predict,
-                     evaluate=common.classification_metrics(2), plot=lambda *args: None, selection="accuracy",
-                     higher_is_better=True)
+    fields = dict(in_a=2, in_b=3, max_len_a=12, max_len_b=5, head=head, dim=8, heads=2, steps=1, dropout=0.0,
+                  backend="cpu")
+    if head == "classify":
+        data = torch.utils.data.TensorDataset(a, b, (a.mean(dim=(1, 2)) > 0).long())
+        return TaskSetup(name="synthetic", model=StepFusionNet(StepFusionConfig(**fields, num_classes=2)),
+                         train=data, validation=data, test=data, loss=common.classification_loss,
+                         predict=common.classification_predict, evaluate=common.classification_metrics(2),
+                         plot=lambda *args: None, selection="accuracy", higher_is_better=True)
+    data = torch.utils.data.TensorDataset(a, b, a[:, -3:].flip(1))  # forecast: the last 3 steps, reversed
+    model = StepFusionNet(StepFusionConfig(**fields, horizon=3, out_vars=2))
+
+    def predict(model, batch):
+        return model(batch[0], batch[1]), batch[2]
+
+    return TaskSetup(name="synthetic", model=model, train=data, validation=data, test=data,
+                     loss=lambda model, batch: torch.nn.functional.mse_loss(*predict(model, batch)), predict=predict,
+                     evaluate=lambda prediction, target: {"mse": metrics.mse(prediction, target)},
+                     plot=lambda *args: None, selection="mse", higher_is_better=False)
 
 
 def test_ema_checkpoint_is_the_moving_average_of_the_trained_weights(tmp_path):
@@ -314,18 +324,20 @@ def test_autocast_refuses_an_unknown_dtype_and_float16_on_the_cpu_backend(tmp_pa
                                                         autocast="fp16"))
 
 
-def _ddp_worker(rank, world_size, port, out):
+def _ddp_worker(rank, world_size, port, out, head):
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = train(_synthetic_setup(seed=rank), TrainingOptions(epochs=1, batch_size=8, out=out, progress=False))
+    result = train(_synthetic_setup(seed=rank, head=head),
+                   TrainingOptions(epochs=1, batch_size=8, out=out, progress=False))
     torch.save(result.last_state, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_gloo_processes_end_with_the_same_weights(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("head", ["classify", "forecast"])
+def test_ddp_two_gloo_processes_end_with_the_same_weights(tmp_path, head):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), head), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    initial = _synthetic_setup(seed=0).model.state_dict()
+    initial = _synthetic_setup(seed=0, head=head).model.state_dict()
     for name, value in ranks[0].items():
         torch.testing.assert_close(ranks[1][name], value, rtol=0, atol=0)
     assert any(not torch.equal(initial[name], value) for name, value in ranks[0].items())

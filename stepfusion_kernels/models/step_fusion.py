@@ -106,9 +106,9 @@ class FusionStep(nn.Module):
         self.a_from_b = GuidedHalfStep(config)
         self.b_from_a = GuidedHalfStep(config)
 
-    def forward(self, a, b):
+    def forward(self, a, b, update_b=True):
         a = self.a_from_b(a, b)
-        return a, self.b_from_a(b, a)
+        return a, self.b_from_a(b, a) if update_b else b
 
 
 class StepFusionNet(nn.Module):
@@ -128,6 +128,13 @@ class StepFusionNet(nn.Module):
             self.steps = nn.ModuleList([shared] * config.steps)
         else:
             self.steps = nn.ModuleList([FusionStep(config) for _ in range(config.steps)])
+        # The forecast head reads A only: B's last half-step (and, with no steps, B's encoder) would have no
+        # effect and its parameters no gradient, which DistributedDataParallel refuses. Each is made, so that
+        # the random initialisation of what follows stays the same, and dropped.
+        if config.head == "forecast" and not config.steps:
+            self.encoder_b = None
+        elif config.head == "forecast" and not (config.share_steps and config.steps > 1):
+            self.steps[-1].b_from_a = None
         if config.head == "forecast":
             self.forecast = nn.Linear(config.max_len_a * config.dim, config.horizon * config.out_vars)
             self.skip = nn.Linear(config.skip_len, config.horizon) if config.skip_len else None
@@ -137,9 +144,14 @@ class StepFusionNet(nn.Module):
                 nn.Linear(config.classifier_hidden, config.num_classes))
 
     def fuse(self, a, b):
-        a, b = self.encoder_a(a), self.encoder_b(b)
-        for step in self.steps:
-            a, b = step(a, b)
+        """The encoded A and B after the K fusion steps. With a forecast head, which reads A only, B's last
+        half-step is left out: B is returned as the step before left it (with no steps, as given)."""
+        a = self.encoder_a(a)
+        if self.encoder_b is not None:
+            b = self.encoder_b(b)
+        for index, step in enumerate(self.steps):
+            last = index == len(self.steps) - 1
+            a, b = step(a, b, update_b=not (last and self.config.head == "forecast"))
         return a, b
 
     def forward(self, a, b, skip=None):
