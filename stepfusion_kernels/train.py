@@ -23,6 +23,7 @@ import torch
 from ._backend import BACKENDS
 from .tasks import TASKS
 from .tasks import meta_fusion, ssfn
+from .tasks.common import set_up_device
 from .tasks.training import AUTOCAST_DTYPES, TrainingOptions, evaluate_ensemble, train
 
 # Flag -> StepFusionConfig field, for the model options every task shares.
@@ -89,8 +90,7 @@ def main(argv=None):
     if args.task in ssfn.TASKS:
         ssfn.run(args)
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_up_device(args.device, args.threads)
     if args.members < 1:
         raise ValueError(f"--members must be >= 1, got {args.members}")
     out = args.out or f"runs/{args.task}"

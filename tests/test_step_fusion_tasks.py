@@ -445,6 +445,13 @@ def test_cli_rejects_an_unknown_task():
         cli.main(["imagenet"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("task", ["ecg5000", "ssfn-digits", "metafusion-sim"])
+def test_cli_device_cuda_without_a_gpu_says_so_before_reading_data(task, tmp_path):
+    with pytest.raises(RuntimeError, match="--device cuda: no CUDA device is available"):
+        cli.main([task, "--device", "cuda", "--data", str(tmp_path / "absent"), "--out", str(tmp_path)])
+
+
 def test_class_weights_from_training_counts():
     labels = np.array([0] * 8 + [1] * 2 + [3] * 1)  # class 2 absent
     assert common.class_weights(labels, 4, "none") is None

@@ -1,5 +1,5 @@
-"""Pieces the classification tasks share: a stratified split, the loss/predict/evaluate functions and the
-confusion-matrix PNG."""
+"""Pieces the tasks share: the device and thread set-up, a stratified split, the classification
+loss/predict/evaluate functions and the confusion-matrix PNG."""
 
 import matplotlib
 
@@ -10,6 +10,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from . import metrics  # noqa: E402
+
+
+def set_up_device(device, threads):
+    """Sets torch's CPU threads (0 or None: torch's default) and refuses --device cuda without a GPU, before
+    any data is read."""
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
 
 
 def stratified_split(labels, fractions, seed):

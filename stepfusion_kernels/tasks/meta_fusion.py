@@ -25,6 +25,7 @@ import torch
 
 from ..data import alzheimer, mfeat, resolve_data_path, sktime_ts
 from ..models import meta_fusion as mf
+from .common import set_up_device
 
 TASKS = ("metafusion-sim", "metafusion-alzheimer", "metafusion-meg", "metafusion-mfeat")
 
@@ -78,10 +79,7 @@ def main(argv=None):
 def run(args):
     if args.task not in TASKS:
         raise ValueError(f"meta_fusion.run: task must be one of {TASKS}, got {args.task!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
+    set_up_device(args.device, args.threads)
     out = args.out or os.path.join("runs", args.task)
     os.makedirs(out, exist_ok=True)
     experiments = {"metafusion-sim": _sim_experiments, "metafusion-alzheimer": _alzheimer_experiments,

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..data import fsdd, mfeat, resolve_data_path
 from ..models.ssfn import ATTENTION_MODES, SSFN, LayerStackEncoder, first_token
 from ..ops import skew_pairs
-from .common import stratified_split
+from .common import set_up_device, stratified_split
 
 TASKS = ("ssfn-digits", "ssfn-mfeat")
 AUDIO_SAMPLES = 6144
@@ -310,10 +310,7 @@ def run(args):
 
     if args.task not in TASKS:
         raise ValueError(f"ssfn.run: task must be one of {TASKS}, got {args.task!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
+    set_up_device(args.device, args.threads)
     device = torch.device(args.device)
     out = args.out or os.path.join("runs", args.task)
     os.makedirs(out, exist_ok=True)
