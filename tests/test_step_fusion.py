@@ -1,5 +1,6 @@
-"""StepFusionNet: shapes of both heads, Lq != Lk, K = 0 and K = 3, shared steps, a few optimizer steps
-lowering the loss on a fixed batch. Runs on the C++ CPU backend."""
+"""StepFusionNet: shapes of both heads, Lq != Lk, K = 0 and K = 3, shared steps, every parameter in use,
+torch.compile(fullgraph=True) of the whole model, a few optimizer steps lowering the loss on a fixed batch.
+Runs on the C++ CPU backend."""
 
 import pytest
 import torch
@@ -97,6 +98,21 @@ def test_forecast_model_starts_from_the_classify_models_weights():
     assert len(shared) == len(forecast) - 4  # all but the forecast and skip maps' weights and biases
     for name in shared:
         assert torch.equal(forecast[name], classify[name]), name
+
+
+@pytest.mark.parametrize("head", ["classify", "forecast"])
+def test_compiled_fullgraph_model_matches_eager_values_and_gradients(head):
+    model = make(head, steps=2)
+    a, b, skip = inputs()
+    args = (a, b, skip) if head == "forecast" else (a, b)
+    torch._dynamo.reset()  # a fresh cache: each model instance is a graph of its own
+    compiled = torch.compile(model, fullgraph=True)
+    out, expected = compiled(*args), model(*args)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_config_names_the_field():
