@@ -123,6 +123,21 @@ def test_a_prediction_depends_on_its_batch_in_batch_mode_only(attention):
     torch.testing.assert_close(model(ha[:, order], hb[:, order]), logits[order])
 
 
+@pytest.mark.parametrize("attention", ["batch", "sample"])
+def test_compiled_fullgraph_ssfn_matches_eager_values_and_gradients(attention):
+    torch.manual_seed(3)
+    model = SSFN(16, 2, 32, 5, skew=-1, num_pairs=2, layers=(3, 3), attention=attention, backend="cpu")
+    shape = (3, 5, 16) if attention == "batch" else (3, 5, 3, 16)
+    ha, hb = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+    torch._dynamo.reset()
+    out, expected = torch.compile(model, fullgraph=True)(ha, hb), model(ha, hb)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    sources = [ha, hb, *model.parameters()]
+    grads = torch.autograd.grad(out.square().sum(), sources)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected.square().sum(), sources), strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_layer_stack_encoder_yields_every_layer_and_classifies_from_the_last_token_zero():
     torch.manual_seed(3)
     encoder = LayerStackEncoder(5, 7, 3, dim=16, heads=2, layers=4, ffn_dim=32).eval()
