@@ -111,8 +111,6 @@ def predict_split(setup, model, dataset, options, device):
 
 def _autocast(options, device):
     """The torch.autocast context of `options.autocast` on `device` (a disabled one for "off")."""
-    if options.autocast not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {options.autocast!r}")
     dtype = AUTOCAST_DTYPES[options.autocast]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -144,7 +142,8 @@ def train(setup, options):
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     if not 0.0 <= options.ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1), got {options.ema_decay}")
-    _autocast(options, device)  # checks options.autocast before any training
+    if options.autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {options.autocast!r}")
     # float16's narrow range needs the loss scaled up before backward (bfloat16 has float32's range).
     scaler = torch.amp.GradScaler(device.type, enabled=options.autocast == "fp16")
     average = (torch.optim.swa_utils.AveragedModel(
