@@ -28,16 +28,21 @@ def describe_device(device):
     return f"{device}: {name}{threads}; {versions}"
 
 
+def parser():
+    top = argparse.ArgumentParser(prog="stepfusion-bench", description=__doc__)
+    top.add_argument("--out", default="bench-results", help="directory for results.csv, results.md, speedups.png")
+    top.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    top.add_argument("--ops", nargs="+", choices=sorted(OPS), default=sorted(OPS),
+                     help="the ops to benchmark, in this order")
+    return top
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="stepfusion-bench", description=__doc__)
-    parser.add_argument("--out", default="bench-results", help="directory for results.csv, results.md, speedups.png")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--ops", nargs="+", choices=sorted(OPS), default=sorted(OPS),
-                        help="the ops to benchmark, in this order")
-    args = parser.parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+        cli.error("--device cuda: no CUDA device is available")
 
     from tqdm import tqdm
 
