@@ -89,9 +89,8 @@ def test_every_parameter_gets_a_gradient(head, steps, share_steps):
     assert not unused
 
 
-def test_forecast_model_starts_from_the_classify_models_weights():
-    # The forecast head's dropped half-step is made and then dropped, so the random initialisation of
-    # everything else is that of a model with every half-step.
+def test_forecast_model_has_the_classify_models_initial_encoders_and_steps_but_the_last_b_half_step():
+    # Same seed, same encoders and steps: dropping B's last half-step changed nothing else of them.
     forecast, classify = make("forecast", steps=2).state_dict(), make("classify", steps=2).state_dict()
     assert not any(name.startswith("steps.1.b_from_a.") for name in forecast)
     shared = [name for name in forecast if name in classify]
