@@ -241,12 +241,12 @@ def _free_port():
         return probe.getsockname()[1]
 
 
-def _synthetic_setup(seed, head="classify"):
+def _synthetic_setup(seed, head="classify", backend="cpu"):
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(48, 12, 2, generator=generator), torch.randn(48, 5, 3, generator=generator)
     torch.manual_seed(seed)  # different initial weights on each rank: DDP must broadcast rank 0's
     fields = dict(in_a=2, in_b=3, max_len_a=12, max_len_b=5, head=head, dim=8, heads=2, steps=1, dropout=0.0,
-                  backend="cpu")
+                  backend=backend)
     if head == "classify":
         data = torch.utils.data.TensorDataset(a, b, (a.mean(dim=(1, 2)) > 0).long())
         return TaskSetup(name="synthetic", model=StepFusionNet(StepFusionConfig(**fields, num_classes=2)),
@@ -290,18 +290,11 @@ def test_ema_checkpoint_is_the_moving_average_of_the_trained_weights(tmp_path):
         train(_synthetic_setup(seed=0), TrainingOptions(epochs=1, out=str(tmp_path), progress=False, ema_decay=1.0))
 
 
-def _with_backend(setup, backend):
-    for module in setup.model.modules():
-        if hasattr(module, "backend"):
-            module.backend = backend
-    return setup
-
-
 @pytest.mark.parametrize(("autocast", "dtype", "backend"), [("off", torch.float32, "cpu"),
                                                             ("bf16", torch.bfloat16, "cpu"),
                                                             ("fp16", torch.float16, "reference")])
 def test_autocast_runs_training_and_evaluation_forwards_in_its_dtype(tmp_path, autocast, dtype, backend):
-    setup = _with_backend(_synthetic_setup(seed=0), backend)
+    setup = _synthetic_setup(seed=0, backend=backend)
     initial = {name: value.clone() for name, value in setup.model.state_dict().items()}
     seen = []  # (training?, dtype of the classifier's logits) of every forward
     setup.model.register_forward_hook(lambda module, args, output: seen.append((module.training, output.dtype)))
