@@ -222,6 +222,80 @@ def check_double_backward_raises(op, case, backend, device):
         second_order.backward()
 
 
+def check_torch_func(op, case, backend, device):
+    """torch.func composes with the backend (float32): vjp, a pullback vmapped over cotangents (as jacrev runs
+    it), and per-sample vjps under vmap (two values of the first input batched, the others shared) give the
+    fp64 reference's outputs and gradients. On the kernel backends a second derivative raises naming the
+    backward op, and forward-mode AD (jvp) raises naming the op; the reference supports jvp."""
+    dtype = torch.float32
+    tolerance = op.tolerance(dtype)
+    generator = seeded_generator(case.name, "torch.func", backend, device)
+    test_kwargs, ref_kwargs = prepare_inputs(case, generator, dtype, device)
+    names = [name for name, value in test_kwargs.items()
+             if isinstance(value, torch.Tensor) and value.is_floating_point()]
+
+    def functional(fn, kwargs):
+        return lambda *tensors: as_tuple(fn(**{**kwargs, **dict(zip(names, tensors))}))
+
+    def with_vjp(fn, cotangents):
+        def outputs_and_grads(*tensors):
+            outputs, pullback = torch.func.vjp(fn, *tensors)
+            return outputs, pullback(cotangents)
+
+        return outputs_and_grads
+
+    under_test = functional(lambda **kwargs: op.fn(**kwargs, backend=backend), test_kwargs)
+    reference = functional(op.ref, ref_kwargs)
+    primals = tuple(test_kwargs[name].detach() for name in names)
+    ref_primals = [ref_kwargs[name].detach() for name in names]
+    other_first = randn(generator, *ref_primals[0].shape).to(dtype)
+    ref_cotangents = tuple(randn(generator, *out.shape) for out in reference(*ref_primals))
+    cotangents = tuple(c.to(device=device, dtype=dtype) for c in ref_cotangents)
+
+    def assert_matches(results, expected, what):
+        for index, (value, ref) in enumerate(zip(results, expected, strict=True)):
+            error = relative_error(value, ref)
+            assert error <= tolerance, f"{what} {index}: relative error {error:.3g} > {tolerance:g}"
+
+    outputs, vjp_grads = with_vjp(under_test, cotangents)(*primals)
+    ref_outputs, ref_grads = with_vjp(reference, ref_cotangents)(*ref_primals)
+    assert_matches(outputs, ref_outputs, "vjp: output")
+    assert_matches(vjp_grads, ref_grads, "vjp: gradient of input")
+
+    # jacrev's form: one pullback of a batch of cotangents (the backward ops under vmap).
+    other_cotangents = tuple(randn(generator, *c.shape) for c in ref_cotangents)
+    _, pullback = torch.func.vjp(under_test, *primals)
+    batched_grads = torch.func.vmap(pullback)(tuple(
+        torch.stack([c, other.to(device=device, dtype=dtype)]) for c, other in zip(cotangents, other_cotangents)))
+    for index, cotangent in enumerate((ref_cotangents, other_cotangents)):
+        ref_grads = with_vjp(reference, cotangent)(*ref_primals)[1]
+        assert_matches([grad[index] for grad in batched_grads], ref_grads, f"vmapped pullback {index}: gradient")
+
+    batched_first = torch.stack([primals[0], other_first.to(device)])
+    in_dims = (0,) + (None,) * (len(primals) - 1)
+    outputs, grads = torch.func.vmap(with_vjp(under_test, cotangents), in_dims=in_dims)(batched_first, *primals[1:])
+    for index, first in enumerate((ref_primals[0], other_first.to(torch.float64))):
+        ref_outputs, ref_grads = with_vjp(reference, ref_cotangents)(first, *ref_primals[1:])
+        assert_matches([out[index] for out in outputs], ref_outputs, f"vmap sample {index}: output")
+        assert_matches([grad[index] for grad in grads], ref_grads, f"vmap sample {index}: gradient of input")
+
+    tangents = tuple(randn(generator, *primal.shape).to(device=device, dtype=dtype) for primal in primals)
+    if backend == "reference":
+        _, jvp_outputs = torch.func.jvp(under_test, primals, tangents)
+        # <cotangent, J t> = <J^T cotangent, t>
+        forward = sum((c.double() * t.double()).sum() for c, t in zip(cotangents, jvp_outputs))
+        reverse = sum((g.double() * t.double()).sum() for g, t in zip(vjp_grads, tangents))
+        assert abs(forward - reverse) <= 1e-4 * (abs(reverse) + 1), (forward, reverse)
+        return
+    with pytest.raises(RuntimeError, match=r"stepfusion[.:]+\w+_backward"):
+        torch.func.vjp(lambda *tensors: with_vjp(under_test, cotangents)(*tensors)[1], *primals)[1](
+            tuple(torch.ones_like(primal) for primal in primals))
+    with pytest.raises(RuntimeError, match=f"{op.fn.__name__}: forward-mode AD"):
+        torch.func.jvp(under_test, primals, tangents)
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        under_test(torch.autograd.forward_ad.make_dual(primals[0], tangents[0]), *primals[1:])
+
+
 def check_backend_selection_errors(fn, make_kwargs):
     """The errors of backend choice every op shares: an unknown backend, a dtype the backend lacks
     (float16 on the cpu backend), and the cuda backend asked for with CPU tensors."""

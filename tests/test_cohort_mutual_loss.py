@@ -6,7 +6,8 @@ import python_ref
 import stepfusion_kernels as sk
 from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, host_backends, kernel_op_params, randn, seeded_generator)
+                     check_double_backward_raises, check_torch_func, host_backends, kernel_op_params, randn,
+                     seeded_generator)
 
 OP = OpUnderTest(fn=sk.cohort_mutual_loss, ref=python_ref.cohort_mutual_loss)
 KINDS = ("kl", "mse")
@@ -144,6 +145,13 @@ def test_backward_is_bitwise_reproducible(kind, backend, device):
 @pytest.mark.parametrize("kind", KINDS)
 def test_double_backward_raises(kind, backend, device):
     check_double_backward_raises(OP, make_case(3, 5, 4, kind), backend, device)
+
+
+@pytest.mark.parametrize("case", [make_case(3, 5, 4, "kl", zero_teachers=(1,), noncontiguous=True),
+                                  make_case(4, 3, 7, "mse")], ids=str)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_torch_func_transforms(case, backend, device):
+    check_torch_func(OP, case, backend, device)
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")

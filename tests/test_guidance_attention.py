@@ -6,8 +6,8 @@ import stepfusion_kernels as sk
 from stepfusion_kernels._backend import triton_interpreted
 from harness import (HAS_CUDA, KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, kernel_op_params, prepare_inputs, randn,
-                     seeded_generator)
+                     check_double_backward_raises, check_empty, check_torch_func, kernel_op_params, prepare_inputs,
+                     randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.guidance_attention, ref=python_ref.guidance_attention, float32_tolerance=1e-4)
 
@@ -110,6 +110,13 @@ def test_backward_is_bitwise_reproducible(backend, device):
 @pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_double_backward_raises(backend, device):
     check_double_backward_raises(OP, make_case(1, 2, 5, 6, 16, 2, 2), backend, device)
+
+
+@pytest.mark.parametrize("case", [make_case(1, 2, 9, 6, 16, 2, 2, q_layout="blhd", noncontiguous=("k",)),
+                                  make_case(2, 1, 7, 7, 16, 0, -1)], ids=str)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_torch_func_transforms(case, backend, device):
+    check_torch_func(OP, case, backend, device)
 
 
 def _op_samples(dtype, device="cpu"):

@@ -5,7 +5,8 @@ import python_ref
 import stepfusion_kernels as sk
 from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, kernel_op_params, randn, seeded_generator)
+                     check_double_backward_raises, check_empty, check_torch_func, kernel_op_params, randn,
+                     seeded_generator)
 
 OP = OpUnderTest(fn=sk.shift_expand, ref=python_ref.shift_expand)
 ALL_OPTIONAL = ("scale_local", "shift_local", "scale_global", "shift_global", "gate", "weight", "bias")
@@ -66,6 +67,13 @@ def test_backward_is_bitwise_reproducible(backend, device):
 @pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_double_backward_raises(backend, device):
     check_double_backward_raises(OP, make_case(2, 5, 8), backend, device)
+
+
+@pytest.mark.parametrize("case", [make_case(2, 5, 8, noncontiguous=("x", "scale_global")),
+                                  make_case(3, 4, 16, present=("shift_local",))], ids=str)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_torch_func_transforms(case, backend, device):
+    check_torch_func(OP, case, backend, device)
 
 
 def _op_samples(dtype, device="cpu"):

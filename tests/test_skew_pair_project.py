@@ -5,8 +5,8 @@ import python_ref
 import stepfusion_kernels as sk
 from harness import (HAS_CUDA, KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, host_backends, kernel_op_params, randn,
-                     seeded_generator)
+                     check_double_backward_raises, check_empty, check_torch_func, host_backends, kernel_op_params,
+                     randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.skew_pair_project, ref=python_ref.skew_pair_project)
 REPEATED = ((0, 1), (4, 3), (0, 1), (2, 0), (4, 1))  # pair 0 and 2 repeat; A layer 4 and B layer 1 twice
@@ -271,6 +271,14 @@ def test_backward_is_bitwise_reproducible(per_pair, backend, device):
 def test_double_backward_raises(per_pair, backend, device):
     check_double_backward_raises(OP, make_case(2, 3, 5, 8, 6, pairs=((0, 1), (1, 0)), per_pair=per_pair), backend,
                                  device)
+
+
+@pytest.mark.parametrize("case", [make_case(3, 2, 5, 8, 6, pairs=((0, 1), (2, 0), (0, 1)), noncontiguous=("hb",)),
+                                  make_case(2, 3, 4, 8, 6, pairs=((1, 2),), per_pair=True, separate_b=True,
+                                            bias_a=False)], ids=str)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_torch_func_transforms(case, backend, device):
+    check_torch_func(OP, case, backend, device)
 
 
 @NEEDS_GPU

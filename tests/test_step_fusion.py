@@ -1,6 +1,6 @@
 """StepFusionNet: shapes of both heads, Lq != Lk, K = 0 and K = 3, shared steps, every parameter in use,
-torch.compile(fullgraph=True) of the whole model, a few optimizer steps lowering the loss on a fixed batch.
-Runs on the C++ CPU backend."""
+torch.compile(fullgraph=True) of the whole model, per-sample gradients through torch.func, a few optimizer
+steps lowering the loss on a fixed batch. Runs on the C++ CPU backend."""
 
 import pytest
 import torch
@@ -165,3 +165,24 @@ def test_every_fusion_parameter_gets_a_gradient():
     model(a, b).sum().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_per_sample_gradients_with_torch_func_match_one_backward_per_sample():
+    """torch.func.vmap(torch.func.grad(...)) over the batch (DP-SGD-style per-sample gradients) through the
+    kernel backend gives each sample's gradient, as a backward pass of that sample alone does."""
+    model = make("classify", steps=2).eval()
+    a, b, _ = inputs(batch=3)
+    labels = torch.tensor([0, 3, 1])
+    params = {name: value.detach() for name, value in model.named_parameters()}
+
+    def loss(params, a, b, label):
+        logits = torch.func.functional_call(model, params, (a[None], b[None]))
+        return torch.nn.functional.cross_entropy(logits, label[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(params, a, b, labels)
+    for index in range(3):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), a[index], b[index], labels[index]).backward()
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][index], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)

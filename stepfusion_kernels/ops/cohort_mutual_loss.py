@@ -37,8 +37,8 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
     Limits: N = 0 gives zeros (an empty batch adds no penalty); S = 0 gives an empty (0,) tensor; C must be
     >= 1 when S > 0. The weights' values are checked (finite, >= 0, positive sum) on the host: one
     device-to-host copy per call for CUDA tensors. backend: "auto", "reference", "cpu", "cuda" or "triton".
-    Double backward is not supported by the kernel backends: it raises RuntimeError (use backend="reference"
-    for it).
+    torch.func (grad, vjp, jacrev, vmap) works on every backend; double backward and forward-mode AD (jvp) only on
+    backend="reference": the kernel backends raise RuntimeError.
     """
     outputs, teacher_weights = autocast_inputs("float32", (outputs, teacher_weights))
     _check_arguments(outputs, teacher_weights, kind)
@@ -53,9 +53,7 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
             checked_total_weight(teacher_weights)
         with reference_context(outputs):
             return python_ref.cohort_mutual_loss(outputs, teacher_weights, kind)
-    forward_op = (torch.ops.stepfusion.cohort_mutual_loss_triton if backend == "triton"
-                  else torch.ops.stepfusion.cohort_mutual_loss)
-    penalty, _, _ = forward_op(outputs, teacher_weights, kind)
+    penalty, _, _ = _KERNELS(backend, outputs, teacher_weights, kind)
     return penalty
 
 
@@ -144,4 +142,4 @@ def _autograd_backward(backward_op):
     return backward
 
 
-register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)
+_KERNELS = register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)

@@ -40,8 +40,8 @@ def guidance_attention(q, k, v, k_global=None, v_global=None, window=-1, scale=N
     logsumexp; the global-token gradients are reduced in a fixed order (bitwise reproducible).
     Lk may be 0 when global tokens are given. The cuda and triton backends take Dh in
     {16, 32, 64, 128}; the cpu backend any Dh. backend: "auto", "reference", "cpu", "cuda" or "triton"
-    (see `stepfusion_kernels.backends()`). Double backward is not supported by the kernel backends: it raises
-    RuntimeError (use backend="reference" for it).
+    (see `stepfusion_kernels.backends()`). torch.func (grad, vjp, jacrev, vmap) works on every backend; double
+    backward and forward-mode AD (jvp) only on backend="reference": the kernel backends raise RuntimeError.
     """
     q, k, v, k_global, v_global = autocast_inputs("lower", (q, k, v, k_global, v_global))
     scale = _check_arguments(q, k, v, k_global, v_global, window, scale)
@@ -53,9 +53,7 @@ def guidance_attention(q, k, v, k_global=None, v_global=None, window=-1, scale=N
     if backend in ("cuda", "triton") and q.shape[-1] not in GPU_HEAD_DIMS:
         raise ValueError(f"{OP}: backend {backend!r} supports head dims {GPU_HEAD_DIMS} (q.shape[-1]), "
                          f"got {q.shape[-1]}; the cpu and reference backends take any")
-    forward_op = (torch.ops.stepfusion.guidance_attention_triton if backend == "triton"
-                  else torch.ops.stepfusion.guidance_attention)
-    out, _ = forward_op(q, k, v, k_global, v_global, window, scale)
+    out, _ = _KERNELS(backend, q, k, v, k_global, v_global, window, scale)
     return out
 
 
@@ -135,4 +133,4 @@ def _autograd_backward(backward_op):
     return backward
 
 
-register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)
+_KERNELS = register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)

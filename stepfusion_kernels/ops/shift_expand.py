@@ -34,8 +34,9 @@ def shift_expand(x, scale_local=None, shift_local=None, scale_global=None, shift
     Gradients reach every tensor argument (global ones summed over L; gate, weight, bias over B and L).
     Arithmetic is fp32 (fp64 for fp64 inputs); y has x's dtype. The inputs share one dtype, except inside
     torch.autocast, where they are first cast to the widest of theirs (none when one is float64).
-    backend: "auto", "reference", "cpu", "cuda" or "triton" (see `stepfusion_kernels.backends()`). Double
-    backward is not supported by the kernel backends: it raises RuntimeError (use backend="reference" for it).
+    backend: "auto", "reference", "cpu", "cuda" or "triton" (see `stepfusion_kernels.backends()`). torch.func (grad,
+    vjp, jacrev, vmap) works on every backend; double backward and forward-mode AD (jvp) only on
+    backend="reference": the kernel backends raise RuntimeError.
     """
     args = autocast_inputs("promote", (x, scale_local, shift_local, scale_global, shift_global, gate, weight, bias))
     _check_arguments(*args, eps)
@@ -45,8 +46,7 @@ def shift_expand(x, scale_local=None, shift_local=None, scale_global=None, shift
     if backend == "reference":
         with reference_context(x):
             return python_ref.shift_expand(*args, eps=eps)
-    forward_op = torch.ops.stepfusion.shift_expand_triton if backend == "triton" else torch.ops.stepfusion.shift_expand
-    y, _, _ = forward_op(*args, float(eps))
+    y, _, _ = _KERNELS(backend, *args, float(eps))
     return y
 
 
@@ -114,4 +114,4 @@ def _autograd_backward(backward_op):
     return backward
 
 
-register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)
+_KERNELS = register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)

@@ -42,8 +42,8 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
     layer, unless one is float64). backend: "auto", "reference", "cpu", "cuda" (cuBLASLt pointer-array GEMMs,
     the operands read in place; STEPFUSION_SKEW_FORWARD and STEPFUSION_SKEW_WEIGHT_GROUPS select its
     opt-in variants, see the README) or "triton" (with STEPFUSION_SKEW_TRITON_TMA=1, its tiles move by
-    TMA descriptors where the GPU and shapes allow). Double backward is not supported by the kernel backends
-    (it raises RuntimeError; use backend="reference" for it).
+    TMA descriptors where the GPU and shapes allow). torch.func (grad, vjp, jacrev, vmap) works on every backend;
+    double backward and forward-mode AD (jvp) only on backend="reference": the kernel backends raise RuntimeError.
     """
     ha, hb, pairs, weight_a, bias_a, weight_b, bias_b = autocast_inputs(
         "lower", (ha, hb, pairs, weight_a, bias_a, weight_b, bias_b))
@@ -65,9 +65,7 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
     if backend == "reference":
         with reference_context(ha):
             return python_ref.skew_pair_project(*args)
-    forward_op = (torch.ops.stepfusion.skew_pair_project_triton if backend == "triton"
-                  else torch.ops.stepfusion.skew_pair_project)
-    return forward_op(*args)
+    return _KERNELS(backend, *args)
 
 
 def skew_pairs(skew, num_pairs, layers_a, layers_b, anchor="top"):
@@ -207,4 +205,4 @@ def _autograd_backward(backward_op):
     return backward
 
 
-register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)
+_KERNELS = register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)
