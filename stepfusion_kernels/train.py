@@ -5,6 +5,7 @@
     stepfusion-train mitdb --data /path/to/mitdb --out runs/mitdb
     stepfusion-train ecg5000 --members 5 --out runs/ecg5000_x5   # 5 seeds, their mean probabilities tested
     torchrun --nproc_per_node=2 -m stepfusion_kernels.train ett --max-steps 100   # DistributedDataParallel
+    stepfusion-train ett --evaluate runs/ett_h96/best.pt --data /path/to/ETTh2.csv   # test a checkpoint
     stepfusion-train metafusion-alzheimer --repeats 5 --out runs/metafusion-alzheimer   # Meta Fusion
     stepfusion-train ssfn-digits --sweep --out runs/ssfn-digits                          # SSFN skew sweep
 
@@ -24,11 +25,15 @@ from ._backend import BACKENDS
 from .tasks import TASKS
 from .tasks import meta_fusion, ssfn
 from .tasks.common import set_up_device
-from .tasks.training import AUTOCAST_DTYPES, TrainingOptions, evaluate_ensemble, train
+from .tasks.training import AUTOCAST_DTYPES, TrainingOptions, evaluate_checkpoint, evaluate_ensemble, train
 
 # Flag -> StepFusionConfig field, for the model options every task shares.
 MODEL_FLAGS = ("dim", "heads", "layers_a", "layers_b", "steps", "window", "global_tokens", "dropout",
                "gate_init", "share_steps", "backend")
+# What --evaluate takes from its own command line: where the data is, where and how the model runs, where
+# the results go. Every other flag (the model, the data's preprocessing and split, the seed) comes from
+# the checkpoint, so that the model is rebuilt and its data prepared exactly as in training.
+EVALUATION_FLAGS = ("data", "device", "autocast", "backend", "threads", "no_progress", "out", "evaluate")
 
 
 def _add_common(parser):
@@ -53,6 +58,11 @@ def _add_common(parser):
                              "forecasts)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--evaluate", nargs="+", metavar="CHECKPOINT",
+                        help="no training: validate and test these best.pt files (the mean prediction of several) "
+                             "with the flags they were trained with; only --data, --device, --autocast, --backend, "
+                             "--threads, --no-progress, --out (default runs/TASK-evaluation) and the task's "
+                             "evaluation flags (ett: --eval-stride) apply")
     model = parser.add_argument_group("model (StepFusionConfig)")
     model.add_argument("--dim", type=int)
     model.add_argument("--heads", type=int)
@@ -91,6 +101,9 @@ def main(argv=None):
         ssfn.run(args)
         return 0
     set_up_device(args.device, args.threads)
+    if args.evaluate:
+        _evaluate(args)
+        return 0
     if args.members < 1:
         raise ValueError(f"--members must be >= 1, got {args.members}")
     out = args.out or f"runs/{args.task}"
@@ -115,8 +128,44 @@ def _train_member(args, seed, out):
     setup = TASKS[args.task].build(args, {flag: getattr(args, flag) for flag in MODEL_FLAGS})
     options = TrainingOptions(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                               weight_decay=args.weight_decay, ema_decay=args.ema_decay, autocast=args.autocast,
-                              device=args.device, out=out, seed=seed, progress=not args.no_progress)
+                              device=args.device, out=out, seed=seed, progress=not args.no_progress,
+                              flags=dict(vars(args)))
     return setup, options, train(setup, options)
+
+
+def _evaluate(args):
+    """--evaluate: each checkpoint's model rebuilt from the flags it was trained with, on the data of
+    this command line, validated and tested; several checkpoints are also tested as an ensemble."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--evaluate runs in one process: start it without torchrun")
+    out = args.out or f"runs/{args.task}-evaluation"
+    setups, results = [], []
+    for k, path in enumerate(args.evaluate):
+        checkpoint = torch.load(path, map_location="cpu")
+        if checkpoint.get("task") != args.task:
+            raise ValueError(f"--evaluate: {path} is a checkpoint of task {checkpoint.get('task')!r}, "
+                             f"not {args.task!r}")
+        if not checkpoint.get("flags"):
+            raise ValueError(f"--evaluate: {path} does not record the flags it was trained with (it was written "
+                             "before --evaluate existed); its 'model' and 'config' entries can still be loaded "
+                             "into StepFusionNet(StepFusionConfig(**config)) by hand")
+        own = EVALUATION_FLAGS + TASKS[args.task].EVALUATION_FLAGS
+        flags = {**checkpoint["flags"], **{name: getattr(args, name) for name in own}}
+        member = argparse.Namespace(**flags)
+        setup = TASKS[args.task].build(member, {flag: flags[flag] for flag in MODEL_FLAGS})
+        built = dataclasses.asdict(setup.model.config)
+        changed = sorted(name for name in built if name != "backend" and checkpoint["config"].get(name) != built[name])
+        if changed:  # the same flags give another model: the code changed since the checkpoint was written
+            raise ValueError(f"--evaluate: {path}'s flags now build a different model: "
+                             + ", ".join(f"{name} {checkpoint['config'].get(name)!r} -> {built[name]!r}"
+                                         for name in changed))
+        options = TrainingOptions(device=args.device, autocast=args.autocast, seed=flags["seed"], flags=flags,
+                                  out=out if len(args.evaluate) == 1 else os.path.join(out, f"member-{k}"),
+                                  progress=not args.no_progress)
+        setups.append(setup)
+        results.append(evaluate_checkpoint(setup, options, checkpoint, path))
+    if len(results) > 1:
+        evaluate_ensemble(setups[0], results, out, {"checkpoints": list(args.evaluate)})
 
 
 if __name__ == "__main__":

@@ -422,8 +422,65 @@ def test_cli_members_train_seeded_models_and_test_their_mean(tmp_path, capsys):
     accuracy = (probabilities.argmax(dim=-1) == labels).double().mean().item()
     assert report["test"]["accuracy"] == pytest.approx(accuracy, abs=1.5 / len(labels))  # a near-tie may flip
     assert any(not torch.equal(value, saved[1]["model"][name]) for name, value in saved[0]["model"].items())
+    # --evaluate of the two checkpoints tests the same ensemble.
+    evaluated = _evaluate_cli("ecg5000", tmp_path / "evaluation", *(tmp_path / "ensemble" / f"member-{k}" / "best.pt"
+                                                                     for k in range(2)))
+    assert evaluated["test"] == report["test"] and len(evaluated["members"]) == 2
     with pytest.raises(ValueError, match="--members"):
         cli.main(["ecg5000", "--out", str(tmp_path), *TINY_MODEL, "--members", "0"])
+
+
+def _evaluate_cli(task, out, *checkpoints_and_flags):
+    cli.main([task, "--evaluate", *map(str, checkpoints_and_flags), "--out", str(out), "--no-progress",
+              "--threads", "1"])
+    assert (out / f"{task}.png").stat().st_size > 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@needs_data
+def test_cli_evaluate_rebuilds_a_checkpoint_from_its_own_flags(tmp_path, capsys):
+    """--evaluate with no flags but its own reproduces the run's validation and test metrics: the model, the
+    STFT view, the split and its z-scores (seed 2) all come from the checkpoint."""
+    trained = _run_cli("ecg5000", tmp_path / "run", "--epochs", "1", "--max-steps", "3", "--batch-size", "8",
+                       "--seed", "2", "--n-fft", "16", "--hop", "8", "--dim", "12")
+    checkpoint_path = tmp_path / "run" / "best.pt"
+    evaluated = _evaluate_cli("ecg5000", tmp_path / "evaluation", checkpoint_path)
+    for key in ("test", "validation", "best_step", "setup", "parameters"):
+        assert evaluated[key] == trained[key], key
+    # --backend is the evaluation's own (default auto: the cpu backend for CPU tensors).
+    assert evaluated["config"] == {**trained["config"], "backend": "auto"}
+    assert evaluated["checkpoint"] == str(checkpoint_path)
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ecg5000 test: accuracy=")
+
+    checkpoint = torch.load(checkpoint_path)
+    with pytest.raises(ValueError, match="checkpoint of task 'ecg5000', not 'mitdb'"):
+        cli.main(["mitdb", "--evaluate", str(checkpoint_path)])
+    torch.save({**checkpoint, "flags": {}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="does not record the flags"):
+        cli.main(["ecg5000", "--evaluate", str(tmp_path / "old.pt")])
+    torch.save({**checkpoint, "config": {**checkpoint["config"], "dim": 99}}, tmp_path / "changed.pt")
+    with pytest.raises(ValueError, match="different model: dim 99 -> 12"):
+        cli.main(["ecg5000", "--evaluate", str(tmp_path / "changed.pt")])
+
+
+@needs_data
+def test_cli_evaluate_takes_the_data_and_eval_stride_of_its_command_line(tmp_path):
+    """A forecaster trained on ETTh1 tested on another file (ETTh1 with a daily wave added to every variable),
+    on every 50th window where training validated every 100th."""
+    trained = _run_cli("ett", tmp_path / "run", "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
+                       "--eval-stride", "100", "--horizon", "192")
+    table = np.genfromtxt(os.path.join(DATA, "ett", "ETTh1.csv"), delimiter=",", dtype=str)
+    values = table[1:, 1:].astype(float) + np.sin(np.arange(len(table) - 1) * 2 * np.pi / 24)[:, None]
+    other = tmp_path / "waves.csv"
+    np.savetxt(other, np.column_stack([table[1:, 0], values]), fmt="%s", delimiter=",",
+               header=",".join(table[0]), comments="")
+    evaluated = _evaluate_cli("ett", tmp_path / "evaluation", tmp_path / "run" / "best.pt", "--data", other,
+                              "--eval-stride", "50")
+    assert evaluated["setup"]["data"] == str(other) and evaluated["setup"]["horizon"] == 192
+    assert evaluated["setup"]["windows"][0] == trained["setup"]["windows"][0]
+    # Validation and test: 2880 rows (4 months) each, started lookback rows early: 2880 - 192 + 1 windows.
+    assert evaluated["setup"]["windows"][1:] == [(2689 - 1) // 50 + 1] * 2
+    assert evaluated["test"] != trained["test"]
 
 
 @needs_data

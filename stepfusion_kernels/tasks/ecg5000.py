@@ -22,6 +22,7 @@ MODEL_DEFAULTS = {"dim": 32, "heads": 4, "layers_a": 1, "layers_b": 1, "steps": 
                   "global_tokens": 2, "dropout": 0.2, "gate_init": 0.1}
 # The augmented recipe of the README's results table.
 TRAINING_DEFAULTS = {"epochs": 200, "batch_size": 32, "lr": 1e-3}
+EVALUATION_FLAGS = ()  # the task's flags that `stepfusion-train --evaluate` takes from its own command line
 AUGMENT_DEFAULT = 0.15
 STD_FLOOR = 1e-6  # keeps a constant frequency bin's z-score finite
 MAX_SHIFT = 10    # augmentation: largest time shift, in samples, at strength 1

@@ -51,6 +51,8 @@ MODEL_DEFAULTS = {"dim": 16, "heads": 4, "layers_a": 1, "layers_b": 1, "steps": 
                   "global_tokens": 2, "dropout": 0.5, "gate_init": 0.1}
 # The horizon-96 recipe of the README's results table.
 TRAINING_DEFAULTS = {"epochs": 8, "batch_size": 256, "lr": 3e-3, "weight_decay": 0.05}
+# The task's flags that `stepfusion-train --evaluate` takes from its own command line, not the checkpoint's.
+EVALUATION_FLAGS = ("eval_stride",)
 
 
 class EttWindows(Dataset):

@@ -21,6 +21,7 @@ DEFAULT_DATA = "mitdb"
 MODEL_DEFAULTS = {"dim": 32, "heads": 4, "layers_a": 1, "layers_b": 1, "steps": 2, "window": 4,
                   "global_tokens": 2, "dropout": 0.1, "gate_init": 0.1}
 TRAINING_DEFAULTS = {"epochs": 10, "batch_size": 64, "lr": 1e-3}
+EVALUATION_FLAGS = ()  # the task's flags that `stepfusion-train --evaluate` takes from its own command line
 
 
 def record_beats(directory, record, before, after, decimate):

@@ -4,8 +4,8 @@ restored for the test, metrics.json, a PNG and one printed line of test metrics.
 validation split the checkpoint is the final weights. With `ema_decay` > 0 an exponential moving average
 of the weights (updated after every optimizer step) is what gets validated, checkpointed and tested.
 With `autocast` "bf16" or "fp16" the forward passes (training and evaluation) run under torch.autocast
-in that dtype, float16 with a gradient scaler. `evaluate_ensemble` tests the mean prediction of several
-trained models.
+in that dtype, float16 with a gradient scaler. `evaluate_checkpoint` tests a saved checkpoint without
+training, and `evaluate_ensemble` the mean prediction of several trained models.
 
 Under `torchrun --nproc_per_node=N` (WORLD_SIZE > 1 in the environment) it trains with
 DistributedDataParallel: gloo on CPU, NCCL on CUDA, a DistributedSampler sharding each epoch, and
@@ -65,6 +65,7 @@ class TrainingOptions:
     progress: bool = True
     ema_decay: float = 0.0         # 0: evaluate the trained weights themselves
     autocast: str = "off"          # a key of AUTOCAST_DTYPES: the forward passes' torch.autocast dtype
+    flags: dict = dataclasses.field(default_factory=dict)  # the command line's flags, kept in the checkpoint
 
 
 @dataclasses.dataclass
@@ -171,7 +172,8 @@ def train(setup, options):
             best_value, best_step, best_validation = metrics.get(setup.selection), step, metrics
             if rank == 0:
                 torch.save({"model": evaluated.state_dict(), "config": _plain(getattr(model, "config", None)),
-                            "step": step, "validation": metrics, "task": setup.name}, checkpoint_path)
+                            "step": step, "validation": metrics, "task": setup.name, "flags": options.flags},
+                           checkpoint_path)
         return metrics
 
     running_loss = float("nan")
@@ -209,18 +211,44 @@ def train(setup, options):
     if world_size > 1:
         dist.barrier()  # rank 0 has written the best checkpoint before anyone reads it
     model.load_state_dict(torch.load(checkpoint_path, map_location=device)["model"])
+    report = {"validation": best_validation, "best_step": best_step, "steps": step, "world_size": world_size,
+              **_model_report(setup, model, options), "history": history}
+    test, prediction, target = _test_and_report(setup, model, options, device, report, rank)
+    return TrainingResult(best_validation, test, best_step, step, last_state, prediction, target)
+
+
+def evaluate_checkpoint(setup, options, checkpoint, path):
+    """No training: the weights of `checkpoint` (a loaded best.pt of `train`, found at `path`) validated and
+    tested on `setup`'s splits, with metrics.json and the PNG written to `options.out` and the test metrics
+    printed, as a run of `train` ends. Returns a TrainingResult (0 steps, no last_state)."""
+    device = torch.device(options.device)
+    model = setup.model.to(device)
+    model.load_state_dict(checkpoint["model"])
+    validation = (setup.evaluate(*predict_split(setup, model, setup.validation, options, device))
+                  if len(setup.validation) else {})
+    report = {"validation": validation, "checkpoint": path, "best_step": checkpoint["step"],
+              **_model_report(setup, model, options)}
+    test, prediction, target = _test_and_report(setup, model, options, device, report)
+    return TrainingResult(validation, test, checkpoint["step"], 0, {}, prediction, target)
+
+
+def _model_report(setup, model, options):
+    return {"parameters": sum(p.numel() for p in model.parameters()), "options": dataclasses.asdict(options),
+            "setup": setup.description, "config": _plain(getattr(model, "config", None))}
+
+
+def _test_and_report(setup, model, options, device, report, rank=0):
+    """(test metrics, prediction, target) of `model` on the test split; rank 0 writes the PNG and
+    metrics.json (the task, the test metrics, then `report`) to options.out and prints the test line."""
     prediction, target = predict_split(setup, model, setup.test, options, device)
     test = setup.evaluate(prediction, target)
     if rank == 0:
+        os.makedirs(options.out, exist_ok=True)
         setup.plot(os.path.join(options.out, f"{setup.name}.png"), prediction, target)
-        report = {"task": setup.name, "test": test, "validation": best_validation, "best_step": best_step,
-                  "steps": step, "world_size": world_size, "parameters": sum(p.numel() for p in model.parameters()),
-                  "options": dataclasses.asdict(options), "setup": setup.description,
-                  "config": _plain(getattr(model, "config", None)), "history": history}
         with open(os.path.join(options.out, METRICS), "w") as handle:
-            json.dump(report, handle, indent=2)
+            json.dump({"task": setup.name, "test": test, **report}, handle, indent=2)
         print(_test_line(setup.name, test), flush=True)
-    return TrainingResult(best_validation, test, best_step, step, last_state, prediction, target)
+    return test, prediction, target
 
 
 def evaluate_ensemble(setup, members, out, report):
