@@ -10,8 +10,10 @@ import torch
 def cohort_mutual_loss(outputs, teacher_weights, kind="kl"):
     compute_dtype = torch.promote_types(outputs.dtype, torch.float32)
     students = outputs.to(compute_dtype)
-    teachers = students.detach()
     weights = teacher_weights.detach().to(compute_dtype)
+    # A student of weight 0 does not teach: its outputs are replaced by zeros on the teacher side, so that a
+    # NaN or Inf there is not multiplied by 0 into every penalty (nor into their gradients).
+    teachers = torch.where(weights[:, None, None] > 0, students.detach(), 0.0)
     num_students, batch, classes = outputs.shape
     total_weight = weights.sum()
     terms = []

@@ -196,6 +196,31 @@ def test_gradcheck_cpu_float64(kind):
     assert torch.autograd.gradcheck(student_penalties, (students,))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_a_student_that_does_not_teach_cannot_reach_the_others(backend, device, kind, value):
+    """A NaN or Inf in the outputs of a student of weight 0 (one that diverged, say) leaves every other
+    student's penalty and gradient exactly as they are with finite outputs there: the terms of a student
+    that does not teach are left out, not multiplied by 0 (which gives NaN)."""
+    generator = seeded_generator("non-teacher", kind)
+    outputs = randn(generator, 4, 5, 17).float()
+    poisoned = outputs.clone()
+    poisoned[1, 2, 3] = value
+    weights = torch.tensor([1.0, 0.0, 0.5, 2.0], device=device)
+    results = []
+    for values in (outputs, poisoned):
+        leaf = values.to(device).requires_grad_()
+        penalty = sk.cohort_mutual_loss(leaf, weights, kind=kind, backend=backend)
+        (grad,) = torch.autograd.grad(penalty.sum(), leaf)
+        results.append((penalty.cpu(), grad.cpu()))
+    (penalty, grad), (poisoned_penalty, poisoned_grad) = results
+    others = [0, 2, 3]
+    assert torch.isfinite(penalty).all() and not torch.isfinite(poisoned_penalty[1])
+    assert torch.equal(poisoned_penalty[others], penalty[others])
+    assert torch.equal(poisoned_grad[others], grad[others])
+
+
 @pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_compile_fullgraph(backend, device, kind):

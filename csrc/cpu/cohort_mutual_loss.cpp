@@ -134,7 +134,7 @@ acc_t mse_row(const scalar_t* outputs, const acc_t* weights, acc_t total_weight,
       return d * d;
     });
     divergence[n * shape.students + i] = distance;
-    spread += weights[i] * distance;
+    if (weights[i] > 0) spread += weights[i] * distance;  // not 0 * NaN from a student that does not teach
   }
   return spread;
 }

@@ -147,7 +147,7 @@ __global__ void mse_forward_kernel(const scalar_t* __restrict__ outputs, const f
     }
     const float distance = block_reduce({local, 0.0f}, scratch, AddPairs()).a;
     if (threadIdx.x == 0) divergence[n * students + i] = distance;
-    weighted_distance += weights[i] * distance;
+    if (weights[i] > 0.0f) weighted_distance += weights[i] * distance;  // not 0 * NaN from a non-teacher
   }
   if (threadIdx.x == 0) spread[n] = weighted_distance;
 }

@@ -22,7 +22,8 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
 
     outputs (S, N, C): the logits (kind="kl") or predictions (kind="mse") of S students on one batch of N
     samples with C classes; teacher_weights (S,): w_j >= 0 with W = sum_j w_j > 0 (zero for a student that
-    does not teach), same dtype and device as outputs. Returns penalty (S,) in outputs' dtype (inside
+    does not teach: its outputs are then left out of the other students' penalties, so a NaN or Inf in them
+    stays in its own), same dtype and device as outputs. Returns penalty (S,) in outputs' dtype (inside
     torch.autocast both are first cast to float32, as for PyTorch's losses, unless one is float64)::
 
         kl:  penalty_i = 1/(N W) * sum_n sum_j w_j * KL(softmax(outputs[j, n]) || softmax(outputs[i, n]))

@@ -28,14 +28,15 @@ def _kl_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, lse_ptr, divergenc
     weighted_p_log_p = tl.zeros([BLOCK_C], dtype=tl.float32)
     for j in range(students):
         weight = tl.load(weights_ptr + j)
-        # Masked lanes load 0 (finite, so that no 0 * inf appears) and are left out of the max.
-        z = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
-        shifted = z - tl.max(tl.where(mask, z, float("-inf")), axis=0)
-        exps = tl.where(mask, tl.exp(shifted), 0.0)
-        sum_exp = tl.sum(exps, axis=0)
-        log_p = shifted - tl.log(sum_exp)
-        mixture += (weight / sum_exp) * exps
-        weighted_p_log_p += (weight / sum_exp) * (exps * log_p)
+        if weight > 0:  # a student of weight 0 does not teach: not read (a NaN there stays out of q)
+            # Masked lanes load 0 (finite, so that no 0 * inf appears) and are left out of the max.
+            z = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+            shifted = z - tl.max(tl.where(mask, z, float("-inf")), axis=0)
+            exps = tl.where(mask, tl.exp(shifted), 0.0)
+            sum_exp = tl.sum(exps, axis=0)
+            log_p = shifted - tl.log(sum_exp)
+            mixture += (weight / sum_exp) * exps
+            weighted_p_log_p += (weight / sum_exp) * (exps * log_p)
     q = mixture / total_weight
     tl.store(mixture_ptr + n * classes + cols, q, mask=mask)
     neg_entropy_q = tl.sum(q * tl.log(tl.maximum(q, TINY)), axis=0)
@@ -60,8 +61,9 @@ def _mse_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, divergence_ptr, s
     weighted_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
     for j in range(students):
         weight = tl.load(weights_ptr + j)
-        f = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
-        weighted_sum += weight * f
+        if weight > 0:  # a student of weight 0 does not teach
+            f = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+            weighted_sum += weight * f
     mu = weighted_sum / total_weight
     tl.store(mixture_ptr + n * classes + cols, mu, mask=mask)
     # J = sum_j w_j ||f_j - mu||^2, accumulated lane-wise.
@@ -71,7 +73,7 @@ def _mse_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, divergence_ptr, s
         f = tl.load(outputs_ptr + (i * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
         difference = tl.where(mask, f - mu, 0.0)
         squared = difference * difference
-        weighted_distance += weight * squared
+        weighted_distance += tl.where(weight > 0, weight * squared, 0.0)
         tl.store(divergence_ptr + n * students + i, tl.sum(squared, axis=0))
     tl.store(spread_ptr + n, tl.sum(weighted_distance, axis=0))
 
@@ -105,11 +107,12 @@ def _kl_wide_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, lse_ptr, dive
         mixture = tl.zeros([BLOCK_C], dtype=tl.float32)
         for j in range(students):
             weight = tl.load(weights_ptr + j)
-            z = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
-            log_p = z - tl.load(lse_ptr + j * batch + n)
-            p = tl.where(mask, tl.exp(log_p), 0.0)
-            mixture += weight * p
-            weighted_p_log_p += weight * (p * log_p)
+            if weight > 0:  # a student of weight 0 does not teach
+                z = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+                log_p = z - tl.load(lse_ptr + j * batch + n)
+                p = tl.where(mask, tl.exp(log_p), 0.0)
+                mixture += weight * p
+                weighted_p_log_p += weight * (p * log_p)
         q = mixture / total_weight
         tl.store(mixture_ptr + n * classes + cols, q, mask=mask)
         q_log_q += q * tl.log(tl.maximum(q, TINY))
@@ -138,8 +141,10 @@ def _mse_wide_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, divergence_p
         mask = cols < classes
         weighted_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
         for j in range(students):
-            f = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
-            weighted_sum += tl.load(weights_ptr + j) * f
+            weight = tl.load(weights_ptr + j)
+            if weight > 0:  # a student of weight 0 does not teach
+                f = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
+                weighted_sum += weight * f
         tl.store(mixture_ptr + n * classes + cols, weighted_sum / total_weight, mask=mask)
     tl.debug_barrier()  # mu, stored chunk by chunk above, is read back below
     weighted_distance = 0.0
@@ -153,7 +158,8 @@ def _mse_wide_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, divergence_p
             squared += difference * difference
         distance = tl.sum(squared, axis=0)
         tl.store(divergence_ptr + n * students + i, distance)
-        weighted_distance += tl.load(weights_ptr + i) * distance
+        weight = tl.load(weights_ptr + i)
+        weighted_distance += tl.where(weight > 0, weight * distance, 0.0)
     tl.store(spread_ptr + n, weighted_distance)
 
 
