@@ -1,6 +1,6 @@
 """StepFusionNet: shapes of both heads, Lq != Lk, K = 0 and K = 3, shared steps, every parameter in use,
-torch.compile(fullgraph=True) of the whole model, per-sample gradients through torch.func, a few optimizer
-steps lowering the loss on a fixed batch. Runs on the C++ CPU backend."""
+torch.compile(fullgraph=True) of the whole model, torch.export and AOTInductor, per-sample gradients through
+torch.func, a few optimizer steps lowering the loss on a fixed batch. Runs on the C++ CPU backend."""
 
 import pytest
 import torch
@@ -186,3 +186,19 @@ def test_per_sample_gradients_with_torch_func_match_one_backward_per_sample():
         loss(dict(model.named_parameters()), a[index], b[index], labels[index]).backward()
         for name, parameter in model.named_parameters():
             torch.testing.assert_close(per_sample[name][index], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_exported_with_a_dynamic_batch_and_packaged_by_aot_inductor(tmp_path):
+    """Deployment: torch.export with a dynamic batch, then an AOTInductor package, runs other batch sizes."""
+    model = make("classify", steps=2).eval()
+    a, b, _ = inputs(batch=3)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (a, b), dynamic_shapes=({0: batch}, {0: batch}))
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    loaded = torch._inductor.aoti_load_package(package)
+    generator = torch.Generator().manual_seed(2)
+    a5, b5 = torch.randn(5, 17, 3, generator=generator), torch.randn(5, 9, 5, generator=generator)
+    with torch.no_grad():
+        expected = model(a5, b5)
+    torch.testing.assert_close(program.module()(a5, b5), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded(a5, b5), expected, rtol=1e-5, atol=1e-6)
