@@ -146,9 +146,9 @@ def _evaluate(args):
             raise ValueError(f"--evaluate: {path} is a checkpoint of task {checkpoint.get('task')!r}, "
                              f"not {args.task!r}")
         if not checkpoint.get("flags"):
-            raise ValueError(f"--evaluate: {path} does not record the flags it was trained with (it was written "
-                             "before --evaluate existed); its 'model' and 'config' entries can still be loaded "
-                             "into StepFusionNet(StepFusionConfig(**config)) by hand")
+            raise ValueError(f"--evaluate: {path} does not record the flags it was trained with (written by "
+                             "train() without them, or before --evaluate existed); its 'model' and 'config' "
+                             "entries can still be loaded into StepFusionNet(StepFusionConfig(**config)) by hand")
         own = EVALUATION_FLAGS + TASKS[args.task].EVALUATION_FLAGS
         flags = {**checkpoint["flags"], **{name: getattr(args, name) for name in own}}
         member = argparse.Namespace(**flags)
