@@ -223,6 +223,8 @@ BAD_INPUTS = [
     ("integer q", {"q": torch.ones(2, 2, 5, 16, dtype=torch.int64)}, ValueError, "q"),
     ("device mix", {"k_global": torch.randn(2, 2, 3, 16, device="meta")}, RuntimeError, "k_global"),
     ("scale not a number", {"scale": "big"}, ValueError, "scale"),
+    ("scale NaN", {"scale": float("nan")}, ValueError, "scale must be a finite"),
+    ("scale infinite", {"scale": float("inf")}, ValueError, "scale must be a finite"),
 ]
 
 

@@ -1,5 +1,6 @@
 """`guidance_attention`: argument checks, fake (meta) kernels, autograd and backend choice."""
 
+import math
 from typing import Optional
 
 import torch
@@ -78,8 +79,8 @@ def _check_arguments(q, k, v, k_global, v_global, window, scale):
         raise ValueError(f"{OP}: k has Lk = 0 keys and no global tokens are given: every query needs a key")
     if scale is None:
         return head_dim ** -0.5 if head_dim > 0 else 1.0
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"{OP}: scale must be a float or None, got {scale!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"{OP}: scale must be a finite float or None, got {scale!r}")
     return float(scale)
 
 
