@@ -151,8 +151,8 @@ def _evaluate(args):
                              "entries can still be loaded into StepFusionNet(StepFusionConfig(**config)) by hand")
         own = EVALUATION_FLAGS + TASKS[args.task].EVALUATION_FLAGS
         flags = {**checkpoint["flags"], **{name: getattr(args, name) for name in own}}
-        member = argparse.Namespace(**flags)
-        setup = TASKS[args.task].build(member, {flag: flags[flag] for flag in MODEL_FLAGS})
+        run_args = argparse.Namespace(**flags)
+        setup = TASKS[args.task].build(run_args, {flag: flags[flag] for flag in MODEL_FLAGS})
         built = dataclasses.asdict(setup.model.config)
         changed = sorted(name for name in built if name != "backend" and checkpoint["config"].get(name) != built[name])
         if changed:  # the same flags give another model: the code changed since the checkpoint was written
