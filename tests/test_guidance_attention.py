@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from stepfusion_kernels._backend import triton_interpreted
 from harness import (HAS_CUDA, KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
                      check_against_reference, check_backend_selection_errors, check_deterministic_backward,
                      check_double_backward_raises, check_empty, check_torch_func, kernel_op_params, prepare_inputs,
-                     randn, seeded_generator)
+                     randn, relative_error, seeded_generator)
 
 OP = OpUnderTest(fn=sk.guidance_attention, ref=python_ref.guidance_attention, float32_tolerance=1e-4)
 
@@ -117,6 +119,42 @@ def test_double_backward_raises(backend, device):
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 def test_torch_func_transforms(case, backend, device):
     check_torch_func(OP, case, backend, device)
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
+def test_vmap_folds_into_the_batch(backend, device):
+    """vmap over inputs vmapped at different dims, one shared, with a vmapped cotangent: each index gets its
+    own attention and gradients, and the kernels run once per call through the ops' batching rule (no
+    per-index fallback, which warns)."""
+    generator = seeded_generator("vmap fold", backend)
+    vmapped, batch, heads, len_q, len_k, globals_, head_dim = 3, 2, 2, 9, 7, 2, 16
+    q = randn(generator, batch, vmapped, heads, len_q, head_dim)          # vmapped at dim 1
+    k = randn(generator, batch, heads, len_k, head_dim)                   # shared
+    v = randn(generator, vmapped, batch, heads, len_k, head_dim)          # vmapped at dim 0
+    k_global = randn(generator, batch, heads, globals_, head_dim, vmapped)  # vmapped at the last dim
+    v_global = randn(generator, batch, heads, globals_, head_dim)
+    cotangent = randn(generator, vmapped, batch, heads, len_q, head_dim)
+    inputs = [t.float().to(device) for t in (q, k, v, k_global, v_global, cotangent)]
+
+    def outputs_and_grads(q, k, v, k_global, v_global, cotangent):
+        def attend(q, k, v, k_global, v_global):
+            return sk.guidance_attention(q, k, v, k_global, v_global, window=2, backend=backend)
+
+        out, pullback = torch.func.vjp(attend, q, k, v, k_global, v_global)
+        return out, pullback(cotangent)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, grads = torch.func.vmap(outputs_and_grads, in_dims=(1, None, 0, -1, None, 0))(*inputs)
+    assert not [w for w in caught if "batching rule" in str(w.message)]
+    for index in range(vmapped):
+        leaves = [t.clone().requires_grad_() for t in (q[:, index], k, v[index], k_global[..., index], v_global)]
+        expected = python_ref.guidance_attention(*leaves, window=2)
+        expected_grads = torch.autograd.grad(expected, leaves, cotangent[index])
+        assert relative_error(out[index], expected) <= OP.float32_tolerance
+        for name, grad, expected_grad in zip(("q", "k", "v", "k_global", "v_global"), grads, expected_grads):
+            error = relative_error(grad[index], expected_grad)
+            assert error <= OP.float32_tolerance, f"grad of {name}: relative error {error:.3g}"
 
 
 def _op_samples(dtype, device="cpu"):

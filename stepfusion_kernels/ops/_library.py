@@ -105,14 +105,41 @@ class _BackwardUnderTransforms(torch.autograd.Function):
     jvp = backward
 
 
-def register_kernel_ops(op, fake_forward, fake_backward, autograd_backward, setup_context):
+def _register_batch_folding(name):
+    """A vmap rule for stepfusion::<name>, an op whose tensor arguments and outputs all hold a batch of
+    independent rows in dim 0: the vmapped dimension joins that batch, so a vmap (per-sample gradients, say)
+    runs the kernel once instead of once per vmapped index (PyTorch's fallback). An argument not vmapped is
+    expanded over the vmapped dimension. An empty output (an absent optional argument's gradient) stays
+    as it is, not vmapped."""
+
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        # Every tensor as (vmapped, batch, ...).
+        moved = [(arg.expand(size, *arg.shape) if dim is None else arg.movedim(dim, 0))
+                 if isinstance(arg, torch.Tensor) else arg for arg, dim in zip(args, in_dims)]
+        batch = next(arg.shape[1] for arg in moved if isinstance(arg, torch.Tensor))
+        folded = [arg.reshape(size * batch, *arg.shape[2:]) if isinstance(arg, torch.Tensor) else arg
+                  for arg in moved]
+        outputs = getattr(torch.ops.stepfusion, name)(*folded)
+        unfolded = tuple(out if out.dim() == 1 and out.numel() == 0 else out.reshape(size, batch, *out.shape[1:])
+                         for out in outputs)
+        return unfolded, tuple(None if out is before else 0 for out, before in zip(unfolded, outputs))
+
+    torch.library.register_vmap(f"stepfusion::{name}", rule)
+
+
+def register_kernel_ops(op, fake_forward, fake_backward, autograd_backward, setup_context, batch_folding=False):
     """Registers `fake_forward`/`fake_backward` for stepfusion::<op>_triton and, where the extension is built,
     stepfusion::<op>; and autograd (`autograd_backward(backward_op)` builds the backward function) for
-    stepfusion::<op>_triton, with the same contract as the C++ op's. Returns the op's `KernelOps`."""
+    stepfusion::<op>_triton, with the same contract as the C++ op's; with `batch_folding`, the vmap rule of
+    `_register_batch_folding` for each of them and their backward ops. Returns the op's `KernelOps`."""
     names = [f"{op}_triton"] + ([op] if EXTENSION_ERROR is None else [])
     for name in names:
         torch.library.register_fake(f"stepfusion::{name}")(fake_forward)
         torch.library.register_fake(f"stepfusion::{name}_backward")(fake_backward)
+        if batch_folding:
+            _register_batch_folding(name)
+            _register_batch_folding(f"{name}_backward")
     torch.library.register_autograd(f"stepfusion::{op}_triton",
                                     autograd_backward(getattr(torch.ops.stepfusion, f"{op}_triton_backward")),
                                     setup_context=setup_context)

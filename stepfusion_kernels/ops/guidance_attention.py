@@ -134,4 +134,7 @@ def _autograd_backward(backward_op):
     return backward
 
 
-_KERNELS = register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context)
+# Every tensor of the forward and backward ops is (B, ...) with independent rows, the gradients included (no
+# parameter summed over the batch): under vmap the vmapped dimension folds into B.
+_KERNELS = register_kernel_ops(OP, _fake_forward, _fake_backward, _autograd_backward, _setup_context,
+                               batch_folding=True)
