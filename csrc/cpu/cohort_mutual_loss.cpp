@@ -4,14 +4,21 @@
 // penalty has the same bits whatever the number of threads (no atomics, no thread-count-dependent split).
 //
 // For kind="kl", with q = sum_j w_j p_j / W (p_j = softmax(outputs[j, n])), the row term of student i is
-//   sum_j w_j KL(p_j || p_i) = J + W KL(q || p_i),   J = sum_j w_j KL(p_j || q) = sum_j w_j sum_c p_j log p_j
-//                                                                                 - W sum_c q log q,
+//   sum_j w_j KL(p_j || p_i) = J + W KL(q || p_i),   J = sum_j w_j KL(p_j || q),
 // and for kind="mse", with mu = sum_j w_j f_j / W,
 //   sum_j w_j ||f_j - f_i||^2 = J + W ||f_i - mu||^2,   J = sum_j w_j ||f_j - mu||^2.
 // Both split into a "spread" J of the teachers (one per row) and a "divergence" of each student from the
-// mixture: penalty_i = scale * sum_n (divergence[n, i] + J_n / W), scale = 1/N (kl) or 1/(N C) (mse). No
-// log of a mixture entry that may have underflowed to 0 is ever taken (q log q counts as 0 there), and the
-// backward needs only q (or mu) and each student's log-sum-exp, saved by the forward.
+// mixture: penalty_i = scale * sum_n (divergence[n, i] + J_n / W), scale = 1/N (kl) or 1/(N C) (mse).
+// Each KL is summed over the classes from the per-class differences d_c = log q_c - log p_ic, in the form
+// of the KL of unnormalised measures, which adds sum_c (p_ic - q_c) = 0:
+//   KL(q || p_i) = sum_c q_c d_c + (p_ic - q_c),   KL(p_i || q) = sum_c (q_c - p_ic) - p_ic d_c.
+// When the students nearly agree (small logits, early in training) a KL is a small number, and written as
+// an entropy minus a cross-entropy (terms of size log C) it is lost to rounding; even summed from d it
+// carries the rounding of each log-sum-exp, an error that does not average out over the classes. The
+// added terms cancel that error to first order: any factor by which a computed p (or q) misses a sum of 1
+// changes the sum by only its square. No log of a mixture entry that may have underflowed to 0 is ever taken
+// (log q is clamped below, and q d counts as 0 there), and the backward needs only q (or mu) and each
+// student's log-sum-exp, saved by the forward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -55,56 +62,66 @@ inline const acc_t* row_as_acc(const scalar_t* row, acc_t* scratch, int64_t clas
 }
 
 // One batch row of kind="kl": writes lse[:, n], the mixture q, divergence[n, :] = KL(q || p_i), and
-// returns J. exps holds exp(z - max) of the current student; row holds converted inputs.
+// returns J. `row` holds converted inputs; `scratch` holds exp(z - max) of the current student, then log q.
+// In the divergences p is exp(log p), so that it follows every rounding of log p (that of log-sum-exp and
+// of each z - lse): the terms p - q then cancel it to first order. (p = exp(z - max) / s, the first loop's,
+// would save an exp per class and student but lose that: 10x to 50x the error when the students nearly agree.)
 template <typename scalar_t, typename acc_t>
 acc_t kl_row(const scalar_t* outputs, const acc_t* weights, acc_t total_weight, const CohortShape& shape, int64_t n,
-             acc_t* row, acc_t* exps, acc_t* mixture, acc_t* lse, acc_t* divergence) {
+             acc_t* row, acc_t* scratch, acc_t* mixture, acc_t* lse, acc_t* divergence) {
   using Vec = Vectorized<acc_t>;
   const int64_t classes = shape.classes;
+  const auto add = [](Vec a, Vec b) { return a + b; };
   std::fill(mixture, mixture + classes, acc_t(0));
-  acc_t weighted_neg_entropy = 0;  // sum_j w_j sum_c p_j log p_j
   for (int64_t j = 0; j < shape.students; ++j) {
     const acc_t* z = row_as_acc<scalar_t, acc_t>(outputs + (j * shape.batch + n) * classes, row, classes);
     const acc_t max = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, z, classes);
-    // sum_c e_c and sum_c e_c (z_c - max) with e = exp(z - max): p log p = e (z - max) / s - e log s / s.
-    Vec sum_exp(acc_t(0)), sum_exp_shifted(acc_t(0));
+    Vec sum_exp(acc_t(0));
     for_each_vector<acc_t>(classes, [&](int64_t c, int64_t count) {
-      const Vec shifted = load(z, c, count) - Vec(max);
-      Vec e = shifted.exp();
+      Vec e = (load(z, c, count) - Vec(max)).exp();
       if (count < Vec::size()) e = Vec::set(Vec(acc_t(0)), e, count);
-      e.store(exps + c, count);
+      e.store(scratch + c, count);
       sum_exp = sum_exp + e;
-      sum_exp_shifted = sum_exp_shifted + e * shifted;
     });
-    const auto add = [](Vec a, Vec b) { return a + b; };
     const acc_t s = at::vec::vec_reduce_all<acc_t>(add, sum_exp);
-    const acc_t log_s = std::log(s);
-    lse[j * shape.batch + n] = max + log_s;
-    if (weights[j] > 0) {
-      weighted_neg_entropy += weights[j] * (at::vec::vec_reduce_all<acc_t>(add, sum_exp_shifted) / s - log_s);
+    lse[j * shape.batch + n] = max + std::log(s);
+    if (weights[j] > 0) {  // a student of weight 0 does not teach: a NaN there stays out of q
       const Vec scale(weights[j] / s);
       for_each_vector<acc_t>(classes, [&](int64_t c, int64_t count) {
-        (load(mixture, c, count) + scale * load(exps, c, count)).store(mixture + c, count);
+        (load(mixture, c, count) + scale * load(scratch, c, count)).store(mixture + c, count);
       });
     }
   }
-  // q = m / W; q log q with q clamped below inside the log, so that an underflowed q gives 0, not NaN.
+  // q = m / W, and log q clamped below, so that an underflowed q gives q d = 0, not 0 * -inf.
   const Vec inv_total(acc_t(1) / total_weight);
   const Vec tiny(std::numeric_limits<acc_t>::min());
-  const acc_t neg_entropy_q = sum_over<acc_t>(classes, [&](int64_t c, int64_t count) {
+  for_each_vector<acc_t>(classes, [&](int64_t c, int64_t count) {
     const Vec q = load(mixture, c, count) * inv_total;
     q.store(mixture + c, count);
-    return q * at::vec::maximum(q, tiny).log();
+    at::vec::maximum(q, tiny).log().store(scratch + c, count);
   });
+  acc_t spread = 0;
   for (int64_t i = 0; i < shape.students; ++i) {
     const acc_t* z = row_as_acc<scalar_t, acc_t>(outputs + (i * shape.batch + n) * classes, row, classes);
     const Vec lse_i(lse[i * shape.batch + n]);
-    const acc_t cross = sum_over<acc_t>(classes, [&](int64_t c, int64_t count) {
-      return load(mixture, c, count) * (load(z, c, count) - lse_i);
+    const bool teaches = weights[i] > 0;
+    Vec to_q(acc_t(0)), from_q(acc_t(0));  // lane sums of the terms of KL(q || p_i) and KL(p_i || q)
+    for_each_vector<acc_t>(classes, [&](int64_t c, int64_t count) {
+      const Vec log_p = load(z, c, count) - lse_i;
+      const Vec p = log_p.exp(), q = load(mixture, c, count), d = load(scratch, c, count) - log_p;
+      Vec term = q * d + (p - q);
+      if (count < Vec::size()) term = Vec::set(Vec(acc_t(0)), term, count);
+      to_q = to_q + term;
+      if (teaches) {
+        term = (q - p) - p * d;
+        if (count < Vec::size()) term = Vec::set(Vec(acc_t(0)), term, count);
+        from_q = from_q + term;
+      }
     });
-    divergence[n * shape.students + i] = neg_entropy_q - cross;
+    divergence[n * shape.students + i] = at::vec::vec_reduce_all<acc_t>(add, to_q);
+    if (teaches) spread += weights[i] * at::vec::vec_reduce_all<acc_t>(add, from_q);
   }
-  return weighted_neg_entropy - total_weight * neg_entropy_q;
+  return spread;
 }
 
 // One batch row of kind="mse": writes the mixture mu, divergence[n, :] = ||f_i - mu||^2, returns J.

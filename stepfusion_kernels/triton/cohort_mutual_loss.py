@@ -5,7 +5,11 @@ by torch.sum on fixed shapes (deterministic, no atomics). The backward is elemen
 
 A row of up to FUSED_MAX classes stays in registers whole. Wider rows go to the `_wide` forward kernels,
 which loop over the classes in chunks: the KL one reads every student's row three times (its log-sum-exp,
-the mixture, the cross term), the MSE one twice, as the whole-row kernels do."""
+the mixture, its divergence), the MSE one twice.
+
+Every KL is summed from the per-class differences d = log q - log p_i, as the KL of unnormalised measures
+(sum_c q d + (p_i - q)), not as an entropy minus a cross-entropy: a small divergence (students that nearly
+agree) keeps its accuracy; see csrc/cpu/cohort_mutual_loss.cpp."""
 
 import torch
 import triton
@@ -13,7 +17,7 @@ import triton.language as tl
 
 from ._common import row_block
 
-# The smallest normal float32: q is clamped to it inside log(q) so that q = 0 gives q log q = 0, not NaN.
+# The smallest normal float32: q is clamped to it inside log(q) so that q = 0 gives q d = 0, not NaN.
 TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
 
 
@@ -23,33 +27,34 @@ def _kl_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, lse_ptr, divergenc
     n = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < classes
-    # Lane-wise accumulators (reduced once after the loop): sum_j w_j p_j and sum_j w_j p_j log p_j.
-    mixture = tl.zeros([BLOCK_C], dtype=tl.float32)
-    weighted_p_log_p = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mixture = tl.zeros([BLOCK_C], dtype=tl.float32)  # sum_j w_j p_j, lane-wise
     for j in range(students):
         weight = tl.load(weights_ptr + j)
         if weight > 0:  # a student of weight 0 does not teach: not read (a NaN there stays out of q)
             # Masked lanes load 0 (finite, so that no 0 * inf appears) and are left out of the max.
             z = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
-            shifted = z - tl.max(tl.where(mask, z, float("-inf")), axis=0)
-            exps = tl.where(mask, tl.exp(shifted), 0.0)
-            sum_exp = tl.sum(exps, axis=0)
-            log_p = shifted - tl.log(sum_exp)
-            mixture += (weight / sum_exp) * exps
-            weighted_p_log_p += (weight / sum_exp) * (exps * log_p)
+            exps = tl.where(mask, tl.exp(z - tl.max(tl.where(mask, z, float("-inf")), axis=0)), 0.0)
+            mixture += (weight / tl.sum(exps, axis=0)) * exps
     q = mixture / total_weight
     tl.store(mixture_ptr + n * classes + cols, q, mask=mask)
-    neg_entropy_q = tl.sum(q * tl.log(tl.maximum(q, TINY)), axis=0)
-    # J = sum_j w_j KL(p_j || q) = sum_j w_j sum_c p_j log p_j - W sum_c q log q.
-    tl.store(spread_ptr + n, tl.sum(weighted_p_log_p, axis=0) - total_weight * neg_entropy_q)
+    log_q = tl.log(tl.maximum(q, TINY))
+    spread = 0.0
     for i in range(students):
         z = tl.load(outputs_ptr + (i * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
         max_z = tl.max(tl.where(mask, z, float("-inf")), axis=0)
         lse = max_z + tl.log(tl.sum(tl.where(mask, tl.exp(z - max_z), 0.0), axis=0))
         tl.store(lse_ptr + i * batch + n, lse)
-        # KL(q || p_i) = sum_c q log q - sum_c q (z - lse); q is 0 on masked lanes.
-        cross = tl.sum(q * (z - lse), axis=0)
-        tl.store(divergence_ptr + n * students + i, neg_entropy_q - cross)
+        # d = log q - log p_i: KL(q || p_i) = sum_c q d + (p_i - q); a teacher adds
+        # w_i KL(p_i || q) = w_i sum_c (q - p_i) - p_i d to J. p_i is exp(log p_i), not exps / sum_exp, so
+        # that the added terms cancel the rounding of lse in log p_i. p_i and q are 0 on masked lanes.
+        log_p = z - lse
+        p = tl.where(mask, tl.exp(log_p), 0.0)
+        d = tl.where(mask, log_q - log_p, 0.0)
+        tl.store(divergence_ptr + n * students + i, tl.sum(q * d + (p - q), axis=0))
+        weight = tl.load(weights_ptr + i)
+        if weight > 0:
+            spread += weight * tl.sum((q - p) - p * d, axis=0)
+    tl.store(spread_ptr + n, spread)
 
 
 @triton.jit
@@ -97,10 +102,7 @@ def _kl_wide_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, lse_ptr, dive
             max_z = new_max
         tl.store(lse_ptr + j * batch + n, max_z + tl.log(sum_exp))
     tl.debug_barrier()  # the log-sum-exps (stored by one thread) are read by every thread below
-    # Pass 2: chunk by chunk, q = sum_j w_j p_j / W, and the lane-wise terms of sum_j w_j sum_c p_j log p_j and
-    # of sum_c q log q.
-    weighted_p_log_p = tl.zeros([BLOCK_C], dtype=tl.float32)
-    q_log_q = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Pass 2: q = sum_j w_j p_j / W, chunk by chunk.
     for start in range(0, classes, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < classes
@@ -109,26 +111,31 @@ def _kl_wide_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, lse_ptr, dive
             weight = tl.load(weights_ptr + j)
             if weight > 0:  # a student of weight 0 does not teach
                 z = tl.load(outputs_ptr + (j * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
-                log_p = z - tl.load(lse_ptr + j * batch + n)
-                p = tl.where(mask, tl.exp(log_p), 0.0)
-                mixture += weight * p
-                weighted_p_log_p += weight * (p * log_p)
-        q = mixture / total_weight
-        tl.store(mixture_ptr + n * classes + cols, q, mask=mask)
-        q_log_q += q * tl.log(tl.maximum(q, TINY))
-    neg_entropy_q = tl.sum(q_log_q, axis=0)
-    tl.store(spread_ptr + n, tl.sum(weighted_p_log_p, axis=0) - total_weight * neg_entropy_q)
+                mixture += weight * tl.where(mask, tl.exp(z - tl.load(lse_ptr + j * batch + n)), 0.0)
+        tl.store(mixture_ptr + n * classes + cols, mixture / total_weight, mask=mask)
     tl.debug_barrier()  # q, stored chunk by chunk above, is read back below
-    # Pass 3: KL(q || p_i) = sum_c q log q - sum_c q (z_i - lse_i) for every student i.
+    # Pass 3, from d = log q - log p_i: KL(q || p_i) = sum_c q d + (p_i - q) for every student i, and J = sum
+    # over the teachers of w_i KL(p_i || q) = w_i sum_c (q - p_i) - p_i d.
+    spread = 0.0
     for i in range(students):
         lse = tl.load(lse_ptr + i * batch + n)
-        cross = tl.zeros([BLOCK_C], dtype=tl.float32)
+        weight = tl.load(weights_ptr + i)
+        to_q = tl.zeros([BLOCK_C], dtype=tl.float32)
+        from_q = tl.zeros([BLOCK_C], dtype=tl.float32)
         for start in range(0, classes, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C)
             mask = cols < classes
-            z = tl.load(outputs_ptr + (i * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32)
-            cross += tl.load(mixture_ptr + n * classes + cols, mask=mask, other=0.0) * (z - lse)
-        tl.store(divergence_ptr + n * students + i, neg_entropy_q - tl.sum(cross, axis=0))
+            log_p = tl.load(outputs_ptr + (i * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32) - lse
+            p = tl.where(mask, tl.exp(log_p), 0.0)
+            q = tl.load(mixture_ptr + n * classes + cols, mask=mask, other=0.0)
+            d = tl.where(mask, tl.log(tl.maximum(q, TINY)) - log_p, 0.0)
+            to_q += q * d + (p - q)
+            if weight > 0:
+                from_q += (q - p) - p * d
+        tl.store(divergence_ptr + n * students + i, tl.sum(to_q, axis=0))
+        if weight > 0:
+            spread += weight * tl.sum(from_q, axis=0)
+    tl.store(spread_ptr + n, spread)
 
 
 @triton.jit
