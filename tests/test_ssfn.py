@@ -317,6 +317,40 @@ def test_short_sweep_on_a_slice(task, extra, tmp_path):
     assert (tmp_path / "table.md").read_text().startswith(f"**{task}**")
 
 
+@needs_data
+@pytest.mark.parametrize(("autocast", "dtype", "backend"), [("bf16", torch.bfloat16, "auto"),
+                                                            ("fp16", torch.float16, "reference")])
+def test_autocast_runs_encoders_and_heads_in_its_dtype(tmp_path, autocast, dtype, backend):
+    seen = set()  # (module class, training?, dtype of its output) of every forward of an encoder or a head
+
+    def hook(module, args, output):
+        if isinstance(module, (LayerStackEncoder, SSFN)):
+            seen.add((type(module).__name__, module.training, output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        assert cli.main(["ssfn-mfeat", "--layers", "2", "--dim", "16", "--heads", "2", "--ffn-dim", "32",
+                         "--encoder-epochs", "1", "--epochs", "1", "--repeats", "1", "--skew", "1", "--threads", "1",
+                         "--no-progress", "--max-samples", "40", "--autocast", autocast, "--backend", backend,
+                         "--out", str(tmp_path)]) == 0
+    finally:
+        handle.remove()
+    assert seen == {(name, training, dtype) for name in ("LayerStackEncoder", "SSFN") for training in (True, False)}
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["config"]["autocast"] == autocast
+    assert all(0 <= value <= 1 for result in report["results"].values() for value in result["test"])
+
+
+def test_layer_stacks_under_autocast_are_float32_and_close():
+    torch.manual_seed(0)
+    encoder = LayerStackEncoder(5, 4, 3, dim=16, heads=2, layers=2, ffn_dim=32).eval()
+    items = torch.randn(7, 4, 5)
+    exact = tasks.layer_stacks(encoder, items, "all")
+    low = tasks.layer_stacks(encoder, items, "all", autocast="bf16")
+    assert exact.dtype == low.dtype == torch.float32 and not torch.equal(exact, low)
+    torch.testing.assert_close(low, exact, rtol=0.05, atol=0.05)
+
+
 def test_stepfusion_train_hosts_the_ssfn_tasks():
     for task in tasks.TASKS:
         args = cli.parser().parse_args([task, "--sweep", "--epochs", "1", "--attention", "sample"])

@@ -43,6 +43,7 @@ from ..data import fsdd, mfeat, resolve_data_path
 from ..models.ssfn import ATTENTION_MODES, SSFN, LayerStackEncoder, first_token
 from ..ops import skew_pairs
 from .common import set_up_device, stratified_split
+from .training import AUTOCAST_DTYPES, autocast_context, gradient_scaler
 
 TASKS = ("ssfn-digits", "ssfn-mfeat")
 AUDIO_SAMPLES = 6144
@@ -62,6 +63,9 @@ def add_arguments(parser):
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backend", default="auto", help="backend of skew_pair_project and guidance_attention")
+    parser.add_argument("--autocast", default="off", choices=tuple(AUTOCAST_DTYPES),
+                        help="run the forward passes (encoders, their layer stacks, the heads) under torch.autocast "
+                             "in this dtype (fp16 with a gradient scaler; the cpu backend takes bf16 only)")
     parser.add_argument("--out", default=None, help="output directory (default runs/TASK)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -197,15 +201,18 @@ def _fit(model, forward, count, labels, validate, args, epochs, lr, seed, progre
     """AdamW on shuffled batches; after every epoch `validate()` -> accuracy, keeping the best weights.
     Returns (best validation accuracy, steps)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    scaler = gradient_scaler(args.autocast, labels.device)
     generator = torch.Generator().manual_seed(seed)
     best, best_state, steps = -1.0, None, 0
     for _ in range(epochs):
         model.train()
         for index in _batches(count, args.batch_size, generator):
-            loss = F.cross_entropy(forward(index), labels[index.to(labels.device)])
+            with autocast_context(args.autocast, labels.device):
+                loss = F.cross_entropy(forward(index), labels[index.to(labels.device)])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             steps += 1
             if args.max_steps is not None and steps >= args.max_steps:
                 break
@@ -221,13 +228,15 @@ def _fit(model, forward, count, labels, validate, args, epochs, lr, seed, progre
 
 
 @torch.no_grad()
-def _accuracy(predict, count, labels, batch_size, seed):
-    """Accuracy over one fixed seeded shuffle of the split in batches of batch_size (in batch mode the
+def _accuracy(predict, count, labels, args, seed):
+    """Accuracy over one fixed seeded shuffle of the split in batches of args.batch_size (in batch mode the
     prediction depends on the batch, so the evaluation batches are as random as the training ones)."""
     generator = torch.Generator().manual_seed(seed)
     correct = 0
-    for index in _batches(count, batch_size, generator):
-        correct += (predict(index).argmax(dim=-1) == labels[index.to(labels.device)]).sum().item()
+    for index in _batches(count, args.batch_size, generator):
+        with autocast_context(args.autocast, labels.device):
+            prediction = predict(index)
+        correct += (prediction.argmax(dim=-1) == labels[index.to(labels.device)]).sum().item()
     return correct / max(count, 1)
 
 
@@ -245,8 +254,7 @@ def train_encoder(data, modality, args, device, progress=None):
 
     def validate():
         encoder.eval()
-        return _accuracy(lambda i: encoder(items[val_items[i]]), len(val_items), labels[val_items],
-                         args.batch_size, args.seed)
+        return _accuracy(lambda i: encoder(items[val_items[i]]), len(val_items), labels[val_items], args, args.seed)
 
     best, _ = _fit(encoder, lambda i: encoder(items[train_items[i.to(device)]]), len(train_items),
                    labels[train_items], validate, args, args.encoder_epochs, args.encoder_lr, args.seed, progress)
@@ -257,9 +265,12 @@ def train_encoder(data, modality, args, device, progress=None):
 
 
 @torch.no_grad()
-def layer_stacks(encoder, items, tokens, batch_size=256):
-    """The frozen encoder's stack of every item: (L, n, dim) token 0, or (L, n, T + 1, dim) every token."""
-    pieces = [encoder.hidden_states(items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+def layer_stacks(encoder, items, tokens, batch_size=256, autocast="off"):
+    """The frozen encoder's stack of every item: (L, n, dim) token 0, or (L, n, T + 1, dim) every token, in
+    float32 (computed under torch.autocast in the dtype `autocast` names)."""
+    with autocast_context(autocast, items.device):
+        pieces = [encoder.hidden_states(items[start:start + batch_size]).float()
+                  for start in range(0, len(items), batch_size)]
     stack = torch.cat(pieces, dim=1)
     return stack if tokens == "all" else first_token(stack).contiguous()
 
@@ -298,7 +309,7 @@ def train_head(pairs, stack_a, stack_b, data, args, device, seed):
 
     def evaluate(split):
         model.eval()
-        return _accuracy(predict(split), len(labels[split]), labels[split], args.batch_size, args.seed + 1)
+        return _accuracy(predict(split), len(labels[split]), labels[split], args, args.seed + 1)
 
     best, _ = _fit(model, predict("train"), len(labels["train"]), labels["train"], lambda: evaluate("validation"),
                    args, args.epochs, args.lr, seed)
@@ -322,7 +333,8 @@ def run(args):
             encoder, accuracy = train_encoder(data, modality, args, device, progress)
         encoders.append(encoder)
         encoder_accuracy[name] = accuracy
-        stacks.append(layer_stacks(encoder, torch.from_numpy(data.items[modality]).to(device), tokens))
+        stacks.append(layer_stacks(encoder, torch.from_numpy(data.items[modality]).to(device), tokens,
+                                   autocast=args.autocast))
     torch.save({name: encoder.state_dict() for name, encoder in zip(data.names, encoders)},
                os.path.join(out, "encoders.pt"))
     sets = pair_sets(args, args.layers)

@@ -103,17 +103,31 @@ def predict_split(setup, model, dataset, options, device):
     model.eval()
     predictions, targets = [], []
     for batch in DataLoader(dataset, batch_size=options.eval_batch_size, shuffle=False):
-        with _autocast(options, device):
+        with autocast_context(options.autocast, device):
             prediction, target = setup.predict(model, [t.to(device) for t in batch])
         predictions.append((prediction.float() if prediction.is_floating_point() else prediction).cpu().numpy())
         targets.append(target.cpu().numpy())
     return np.concatenate(predictions), np.concatenate(targets)
 
 
-def _autocast(options, device):
-    """The torch.autocast context of `options.autocast` on `device` (a disabled one for "off")."""
-    dtype = AUTOCAST_DTYPES[options.autocast]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def check_autocast(name):
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {name!r}")
+
+
+def autocast_context(name, device):
+    """The torch.autocast context of AUTOCAST_DTYPES[name] ("off", "bf16", "fp16") on `device` (a disabled one
+    for "off"). With "fp16" a training loop also needs a gradient scaler: `gradient_scaler(name, device)`."""
+    check_autocast(name)
+    dtype = AUTOCAST_DTYPES[name]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def gradient_scaler(name, device):
+    """float16's narrow range needs the loss scaled up before backward (bfloat16 has float32's range): an
+    enabled GradScaler for "fp16", a pass-through one otherwise."""
+    check_autocast(name)
+    return torch.amp.GradScaler(torch.device(device).type, enabled=name == "fp16")
 
 
 def _cosine_schedule(step, total, warmup):
@@ -143,10 +157,7 @@ def train(setup, options):
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     if not 0.0 <= options.ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1), got {options.ema_decay}")
-    if options.autocast not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {options.autocast!r}")
-    # float16's narrow range needs the loss scaled up before backward (bfloat16 has float32's range).
-    scaler = torch.amp.GradScaler(device.type, enabled=options.autocast == "fp16")
+    scaler = gradient_scaler(options.autocast, device)
     average = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(options.ema_decay), use_buffers=True)
         if options.ema_decay > 0 else None)
@@ -185,7 +196,7 @@ def train(setup, options):
         bar = tqdm(loader, desc=f"{setup.name} epoch {epoch + 1}/{options.epochs}",
                    disable=not options.progress or rank != 0, leave=False)
         for batch in bar:
-            with _autocast(options, device):
+            with autocast_context(options.autocast, device):
                 loss = setup.loss(trained, [t.to(device) for t in batch])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
