@@ -38,7 +38,10 @@ def guidance_attention(q, k, v, k_global=None, v_global=None, window=-1, scale=N
     reach q, k, v, k_global and v_global. The kernels are flash-attention style: online softmax over the
     key blocks that intersect each query block's band (work about Lq * (2 window + 1 + G), not Lq * Lk),
     fp32 accumulation (fp64 for fp64), and a backward that recomputes the probabilities from the saved row
-    logsumexp; the global-token gradients are reduced in a fixed order (bitwise reproducible).
+    logsumexp; the global-token gradients are reduced in a fixed order (bitwise reproducible). As in
+    flash-attention, the backward's row term delta_i = <dO_i, o_i> uses o as returned: in float16 and bfloat16
+    it carries o's rounding (up to 2^-8 relative in bfloat16, 2^-11 in float16), so the gradient of a query
+    row can be off by about scale * 2^-8 |dO_i| |o_i| |mean of its keys| (bfloat16), however small it is.
     Lk may be 0 when global tokens are given. The cuda and triton backends take Dh in
     {16, 32, 64, 128}; the cpu backend any Dh. backend: "auto", "reference", "cpu", "cuda" or "triton"
     (see `stepfusion_kernels.backends()`). torch.func (grad, vjp, jacrev, vmap) works on every backend; double
