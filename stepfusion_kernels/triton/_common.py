@@ -2,6 +2,7 @@
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .._backend import triton_interpreted
 
@@ -32,3 +33,19 @@ def row_block(dim):
 def tanh(z):
     # 2 * sigmoid(2z) - 1 saturates cleanly at +-1 for large |z| (no inf / inf).
     return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+
+
+# exp to within 2 ulp. On a GPU, tl.exp of a float32 compiles to one approximate ex2 of x * log2(e), whose
+# error grows with |x|; libdevice's expf reduces the range first (tl.log is libdevice's logf already). The
+# interpreter cannot run libdevice, and its tl.exp is numpy's, already accurate.
+@triton.jit
+def _libdevice_exp(x):
+    return libdevice.exp(x)
+
+
+@triton.jit
+def _interpreted_exp(x):
+    return tl.exp(x)
+
+
+accurate_exp = _interpreted_exp if triton_interpreted() else _libdevice_exp

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import row_block
+from ._common import accurate_exp, row_block
 
 # The smallest normal float32: q is clamped to it inside log(q) so that q = 0 gives q d = 0, not NaN.
 TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
@@ -45,10 +45,11 @@ def _kl_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, lse_ptr, divergenc
         lse = max_z + tl.log(tl.sum(tl.where(mask, tl.exp(z - max_z), 0.0), axis=0))
         tl.store(lse_ptr + i * batch + n, lse)
         # d = log q - log p_i: KL(q || p_i) = sum_c q d + (p_i - q); a teacher adds
-        # w_i KL(p_i || q) = w_i sum_c (q - p_i) - p_i d to J. p_i is exp(log p_i), not exps / sum_exp, so
-        # that the added terms cancel the rounding of lse in log p_i. p_i and q are 0 on masked lanes.
+        # w_i KL(p_i || q) = w_i sum_c (q - p_i) - p_i d to J. p_i is exp(log p_i), to within 2 ulp, not
+        # exps / sum_exp, so that the added terms cancel the rounding of lse in log p_i. p_i and q are 0 on
+        # masked lanes.
         log_p = z - lse
-        p = tl.where(mask, tl.exp(log_p), 0.0)
+        p = tl.where(mask, accurate_exp(log_p), 0.0)
         d = tl.where(mask, log_q - log_p, 0.0)
         tl.store(divergence_ptr + n * students + i, tl.sum(q * d + (p - q), axis=0))
         weight = tl.load(weights_ptr + i)
@@ -126,7 +127,7 @@ def _kl_wide_forward_kernel(outputs_ptr, weights_ptr, mixture_ptr, lse_ptr, dive
             cols = start + tl.arange(0, BLOCK_C)
             mask = cols < classes
             log_p = tl.load(outputs_ptr + (i * batch + n) * classes + cols, mask=mask, other=0.0).to(tl.float32) - lse
-            p = tl.where(mask, tl.exp(log_p), 0.0)
+            p = tl.where(mask, accurate_exp(log_p), 0.0)
             q = tl.load(mixture_ptr + n * classes + cols, mask=mask, other=0.0)
             d = tl.where(mask, tl.log(tl.maximum(q, TINY)) - log_p, 0.0)
             to_q += q * d + (p - q)
