@@ -58,15 +58,17 @@ def backends():
     return list(_USABLE)
 
 
-def resolve_backend(op, backend, device, gpu_order=("cuda", "triton")):
-    """The concrete backend for tensors on `device`: `auto` becomes `cpu` on the CPU and the first of
-    `gpu_order` (the op's faster GPU backend by the benchmarks) on CUDA; an explicit choice is checked."""
+def resolve_backend(op, backend, device, dtype, gpu_order=("cuda", "triton")):
+    """The concrete backend for tensors of `dtype` on `device`: `auto` becomes the first usable backend that
+    takes that dtype, of `cpu` on the CPU and of `gpu_order` (the op's faster GPU backend first, by the
+    benchmarks) on CUDA, else `reference` (float16 on the CPU, float64 on CUDA, other devices); an explicit
+    choice is checked (its dtype by check_backend_dtype)."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     usable = _USABLE
     if backend == "auto":
-        candidates = ("cpu", "reference") if device.type == "cpu" else gpu_order + ("reference",)
-        return next(name for name in candidates if name in usable)
+        candidates = ("cpu",) if device.type == "cpu" else gpu_order if device.type == "cuda" else ()
+        return next((name for name in candidates if name in usable and dtype in BACKEND_DTYPES[name]), "reference")
     if backend not in usable:
         raise RuntimeError(f"{op}: backend {backend!r} is not available on this machine (available: {usable})")
     if backend == "cpu" and device.type != "cpu":

@@ -296,6 +296,21 @@ def check_torch_func(op, case, backend, device):
         under_test(torch.autograd.forward_ad.make_dual(primals[0], tangents[0]), *primals[1:])
 
 
+# The dtype of each device that no kernel backend there takes.
+NO_KERNEL_DTYPE = {"cpu": torch.float16, "cuda": torch.float64}
+
+
+def check_auto_runs_the_reference(fn, make_kwargs, device, dtype=None):
+    """backend="auto" on tensors no kernel backend of `device` takes (its NO_KERNEL_DTYPE unless `dtype` is
+    given) runs the reference: the same values as asking for it, not an error."""
+    kwargs = {name: value.to(device) if isinstance(value, torch.Tensor) else value
+              for name, value in make_kwargs(dtype=dtype or NO_KERNEL_DTYPE[device]).items()}
+    for result, expected in zip(as_tuple(fn(**kwargs, backend="auto")), as_tuple(fn(**kwargs, backend="reference")),
+                                strict=True):
+        assert result.dtype == expected.dtype and result.device == expected.device
+        assert torch.equal(result, expected)
+
+
 def check_backend_selection_errors(fn, make_kwargs):
     """The errors of backend choice every op shares: an unknown backend, a dtype the backend lacks
     (float16 on the cpu backend), and the cuda backend asked for with CPU tensors."""

@@ -5,9 +5,9 @@ import torch.nn.functional as F
 import python_ref
 import stepfusion_kernels as sk
 from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_torch_func, host_backends, kernel_op_params, randn,
-                     relative_error, seeded_generator)
+                     check_against_reference, check_auto_runs_the_reference, check_backend_selection_errors,
+                     check_deterministic_backward, check_double_backward_raises, check_torch_func, host_backends,
+                     kernel_op_params, randn, relative_error, seeded_generator)
 
 OP = OpUnderTest(fn=sk.cohort_mutual_loss, ref=python_ref.cohort_mutual_loss)
 KINDS = ("kl", "mse")
@@ -333,6 +333,11 @@ def test_bad_input_names_the_argument(change, error, name, backend):
 
 def test_backend_selection_errors():
     check_backend_selection_errors(sk.cohort_mutual_loss, _good)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_GPU)])
+def test_auto_runs_the_reference_for_a_dtype_no_kernel_takes(device):
+    check_auto_runs_the_reference(sk.cohort_mutual_loss, _good, device)
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")

@@ -7,9 +7,9 @@ import python_ref
 import stepfusion_kernels as sk
 from stepfusion_kernels._backend import triton_interpreted
 from harness import (HAS_CUDA, KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, check_torch_func, kernel_op_params, prepare_inputs,
-                     randn, relative_error, seeded_generator)
+                     check_against_reference, check_auto_runs_the_reference, check_backend_selection_errors,
+                     check_deterministic_backward, check_double_backward_raises, check_empty, check_torch_func,
+                     kernel_op_params, prepare_inputs, randn, relative_error, seeded_generator)
 
 OP = OpUnderTest(fn=sk.guidance_attention, ref=python_ref.guidance_attention, float32_tolerance=1e-4)
 
@@ -275,6 +275,20 @@ def test_bad_input_names_the_argument(change, error, name):
 
 def test_backend_selection_errors():
     check_backend_selection_errors(sk.guidance_attention, _good)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_GPU)])
+def test_auto_runs_the_reference_for_a_dtype_no_kernel_takes(device):
+    check_auto_runs_the_reference(sk.guidance_attention, _good, device)
+
+
+@NEEDS_GPU
+def test_auto_runs_the_reference_for_a_head_dim_the_gpu_kernels_lack():
+    def head_dim_48(dtype):
+        return {name: value[..., :12].repeat_interleave(4, dim=-1) if isinstance(value, torch.Tensor) else value
+                for name, value in _good(dtype).items()}
+
+    check_auto_runs_the_reference(sk.guidance_attention, head_dim_48, "cuda", dtype=torch.float32)
 
 
 @pytest.mark.skipif("triton" not in sk.backends(), reason="triton is not usable here")

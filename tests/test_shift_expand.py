@@ -4,9 +4,9 @@ import torch
 import python_ref
 import stepfusion_kernels as sk
 from harness import (KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, check_torch_func, kernel_op_params, randn,
-                     seeded_generator)
+                     check_against_reference, check_auto_runs_the_reference, check_backend_selection_errors,
+                     check_deterministic_backward, check_double_backward_raises, check_empty, check_torch_func,
+                     kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.shift_expand, ref=python_ref.shift_expand)
 ALL_OPTIONAL = ("scale_local", "shift_local", "scale_global", "shift_global", "gate", "weight", "bias")
@@ -175,6 +175,11 @@ def test_compiled_bad_shape_names_the_argument(dynamic):
 
 def test_backend_selection_errors():
     check_backend_selection_errors(sk.shift_expand, _good)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_GPU)])
+def test_auto_runs_the_reference_for_a_dtype_no_kernel_takes(device):
+    check_auto_runs_the_reference(sk.shift_expand, _good, device)
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")

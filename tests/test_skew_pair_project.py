@@ -4,9 +4,9 @@ import torch
 import python_ref
 import stepfusion_kernels as sk
 from harness import (HAS_CUDA, KERNELS, NEEDS_GPU, Case, OpUnderTest, backend_dtype_params, backend_params,
-                     check_against_reference, check_backend_selection_errors, check_deterministic_backward,
-                     check_double_backward_raises, check_empty, check_torch_func, host_backends, kernel_op_params,
-                     randn, seeded_generator)
+                     check_against_reference, check_auto_runs_the_reference, check_backend_selection_errors,
+                     check_deterministic_backward, check_double_backward_raises, check_empty, check_torch_func,
+                     host_backends, kernel_op_params, randn, seeded_generator)
 
 OP = OpUnderTest(fn=sk.skew_pair_project, ref=python_ref.skew_pair_project)
 REPEATED = ((0, 1), (4, 3), (0, 1), (2, 0), (4, 1))  # pair 0 and 2 repeat; A layer 4 and B layer 1 twice
@@ -511,6 +511,11 @@ def test_pair_range_check_finds_the_one_bad_pair(num_pairs, position, column, va
 
 def test_backend_selection_errors():
     check_backend_selection_errors(sk.skew_pair_project, _good)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_GPU)])
+def test_auto_runs_the_reference_for_a_dtype_no_kernel_takes(device):
+    check_auto_runs_the_reference(sk.skew_pair_project, _good, device)
 
 
 @pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")

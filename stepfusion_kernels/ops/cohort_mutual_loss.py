@@ -47,7 +47,7 @@ def cohort_mutual_loss(outputs, teacher_weights, kind="kl", backend="auto"):
     """
     outputs, teacher_weights = autocast_inputs("float32", (outputs, teacher_weights))
     _check_arguments(outputs, teacher_weights, kind)
-    backend = resolve_backend(OP, backend, outputs.device, GPU_ORDER)
+    backend = resolve_backend(OP, backend, outputs.device, outputs.dtype, GPU_ORDER)
     check_backend_dtype(OP, backend, outputs.dtype)
     if backend == "reference":
         # Reading the weights' values would break a compiled graph: there an op checks them at run time, as

@@ -44,12 +44,15 @@ def guidance_attention(q, k, v, k_global=None, v_global=None, window=-1, scale=N
     row can be off by about scale * 2^-8 |dO_i| |o_i| |mean of its keys| (bfloat16), however small it is.
     Lk may be 0 when global tokens are given. The cuda and triton backends take Dh in
     {16, 32, 64, 128}; the cpu backend any Dh. backend: "auto", "reference", "cpu", "cuda" or "triton"
-    (see `stepfusion_kernels.backends()`). torch.func (grad, vjp, jacrev, vmap) works on every backend; double
+    (see `stepfusion_kernels.backends()`); on CUDA tensors "auto" runs the reference for another Dh or for
+    float64. torch.func (grad, vjp, jacrev, vmap) works on every backend; double
     backward and forward-mode AD (jvp) only on backend="reference": the kernel backends raise RuntimeError.
     """
     q, k, v, k_global, v_global = autocast_inputs("lower", (q, k, v, k_global, v_global))
     scale = _check_arguments(q, k, v, k_global, v_global, window, scale)
-    backend = resolve_backend(OP, backend, q.device, GPU_ORDER)
+    # `auto` leaves a head dim that the GPU kernels lack to the reference.
+    gpu_order = GPU_ORDER if q.shape[-1] in GPU_HEAD_DIMS else ()
+    backend = resolve_backend(OP, backend, q.device, q.dtype, gpu_order)
     check_backend_dtype(OP, backend, q.dtype)
     if backend == "reference":
         with reference_context(q):

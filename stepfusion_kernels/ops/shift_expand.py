@@ -41,7 +41,7 @@ def shift_expand(x, scale_local=None, shift_local=None, scale_global=None, shift
     args = autocast_inputs("promote", (x, scale_local, shift_local, scale_global, shift_global, gate, weight, bias))
     _check_arguments(*args, eps)
     x = args[0]
-    backend = resolve_backend(OP, backend, x.device, GPU_ORDER)
+    backend = resolve_backend(OP, backend, x.device, x.dtype, GPU_ORDER)
     check_backend_dtype(OP, backend, x.dtype)
     if backend == "reference":
         with reference_context(x):

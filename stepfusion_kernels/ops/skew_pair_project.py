@@ -48,7 +48,7 @@ def skew_pair_project(ha, hb, pairs, weight_a, bias_a=None, weight_b=None, bias_
     ha, hb, pairs, weight_a, bias_a, weight_b, bias_b = autocast_inputs(
         "lower", (ha, hb, pairs, weight_a, bias_a, weight_b, bias_b))
     _check_arguments(ha, hb, pairs, weight_a, bias_a, weight_b, bias_b)
-    backend = resolve_backend(OP, backend, ha.device, GPU_ORDER)
+    backend = resolve_backend(OP, backend, ha.device, ha.dtype, GPU_ORDER)
     check_backend_dtype(OP, backend, ha.dtype)
     # A data-dependent check, which torch.compile cannot trace: the kernel ops check the range themselves at
     # run time (RuntimeError), and the reference, which would wrap a negative index around, gets an op
