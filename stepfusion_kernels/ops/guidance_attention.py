@@ -39,9 +39,11 @@ def guidance_attention(q, k, v, k_global=None, v_global=None, window=-1, scale=N
     key blocks that intersect each query block's band (work about Lq * (2 window + 1 + G), not Lq * Lk),
     fp32 accumulation (fp64 for fp64), and a backward that recomputes the probabilities from the saved row
     logsumexp; the global-token gradients are reduced in a fixed order (bitwise reproducible). As in
-    flash-attention, the backward's row term delta_i = <dO_i, o_i> uses o as returned: in float16 and bfloat16
-    it carries o's rounding (up to 2^-8 relative in bfloat16, 2^-11 in float16), so the gradient of a query
-    row can be off by about scale * 2^-8 |dO_i| |o_i| |mean of its keys| (bfloat16), however small it is.
+    flash-attention, the backward's row term delta_i = <dO_i, o_i> uses o as returned, so the gradients of
+    query row i carry o_i's rounding: an error of about scale * u |dO_i| |o_i| |k| (u = 2^-8 in bfloat16,
+    2^-11 in float16, 2^-24 in float32), however small those gradients are. They are small where the softmax
+    is nearly one-hot (large scores): there the error can match them, as it cannot in a product of softmax
+    and scores written out (the reference), where a one-hot row's gradient comes out exactly 0.
     Lk may be 0 when global tokens are given. The cuda and triton backends take Dh in
     {16, 32, 64, 128}; the cpu backend any Dh. backend: "auto", "reference", "cpu", "cuda" or "triton"
     (see `stepfusion_kernels.backends()`); on CUDA tensors "auto" runs the reference for another Dh or for
