@@ -110,7 +110,7 @@ def predict_split(setup, model, dataset, options, device):
     return np.concatenate(predictions), np.concatenate(targets)
 
 
-def check_autocast(name):
+def _check_autocast(name):
     if name not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {name!r}")
 
@@ -118,7 +118,7 @@ def check_autocast(name):
 def autocast_context(name, device):
     """The torch.autocast context of AUTOCAST_DTYPES[name] ("off", "bf16", "fp16") on `device` (a disabled one
     for "off"). With "fp16" a training loop also needs a gradient scaler: `gradient_scaler(name, device)`."""
-    check_autocast(name)
+    _check_autocast(name)
     dtype = AUTOCAST_DTYPES[name]
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
@@ -126,7 +126,7 @@ def autocast_context(name, device):
 def gradient_scaler(name, device):
     """float16's narrow range needs the loss scaled up before backward (bfloat16 has float32's range): an
     enabled GradScaler for "fp16", a pass-through one otherwise."""
-    check_autocast(name)
+    _check_autocast(name)
     return torch.amp.GradScaler(torch.device(device).type, enabled=name == "fp16")
 
 
