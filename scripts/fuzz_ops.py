@@ -4,7 +4,7 @@ miss (odd shapes, optional arguments present or absent, strided views, logits th
     python scripts/fuzz_ops.py --rounds 300                      # every op, this machine's backends
     python scripts/fuzz_ops.py --ops cohort_mutual_loss --rounds 500 --seed 7
     python scripts/fuzz_ops.py --seed 7 --round 123              # rerun one reported round
-    python scripts/fuzz_ops.py --device cuda --backends cuda triton
+    python scripts/fuzz_ops.py --device cuda --rounds 100000 --seconds 60   # what fits in a minute
 
 Each round draws an op, an input configuration (the `make_case` of the op's test file, with random
 arguments), a backend and one of its dtypes, and measures every output's and gradient's error
@@ -20,6 +20,7 @@ import argparse
 import os
 import random
 import sys
+import time
 
 import torch
 
@@ -125,6 +126,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--round", type=int, default=None, help="run only this round of --seed")
+    parser.add_argument("--seconds", type=float, default=None, help="start no round after this many seconds")
     parser.add_argument("--ops", nargs="+", choices=list(OPS), default=list(OPS))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backends", nargs="+", choices=harness.KERNELS + ("reference",), default=None,
@@ -140,14 +142,17 @@ def main(argv=None):
     if missing or not backends:
         parser.error(f"backends {missing or backends} are not usable here (usable: {usable})")
     rounds = [args.round] if args.round is not None else range(args.rounds)
-    failed = 0
+    failed, done, start = 0, 0, time.monotonic()
     for index in rounds:
+        if args.seconds is not None and time.monotonic() - start > args.seconds:
+            break
+        done += 1
         description, failures = run_round(args.seed, index, args.ops, backends, args.device)
         for quantity, error, bar in failures:
             print(f"FAIL {description}: {quantity} error {error:.3g} (reference backend, same dtype: {bar:.3g})",
                   flush=True)
         failed += bool(failures)
-    print(f"{failed} of {len(rounds)} rounds failed (seed {args.seed}; backends {', '.join(backends)})")
+    print(f"{failed} of {done} rounds failed (seed {args.seed}; backends {', '.join(backends)})")
     return 1 if failed else 0
 
 

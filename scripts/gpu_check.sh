@@ -19,6 +19,8 @@
 #   WIDE_ROWS_S (45) scripts/time_wide_rows.py: Triton shift_expand and cohort_mutual_loss, whole-row
 #               against chunked kernels at D and C 4096-16384 in bfloat16 (where to put FUSED_MAX), and
 #               the chunked kernels' results against the whole-row ones
+#   FUZZ_S      (60) scripts/fuzz_ops.py on CUDA tensors, the cuda and triton backends: random inputs
+#               against the float64 reference for that long, the failing rounds into $OUT/fuzz.txt
 # Usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -92,6 +94,13 @@ if [ "${WIDE_ROWS_S:-45}" -gt 0 ]; then
   timeout "$WIDE_ROWS_S" python3 scripts/time_wide_rows.py --widths 4096 8192 16384 \
     > "$OUT/wide-rows.txt" 2>&1 || status=1
   cat "$OUT/wide-rows.txt"
+fi
+
+if [ "${FUZZ_S:-60}" -gt 0 ]; then
+  echo "== random inputs against the reference"
+  timeout $((FUZZ_S + 60)) python3 scripts/fuzz_ops.py --device cuda --rounds 1000000 --seconds "$FUZZ_S" \
+    > "$OUT/fuzz.txt" 2>&1 || status=1
+  grep -E "^FAIL|rounds failed" "$OUT/fuzz.txt" | tail -n 40
 fi
 
 if [ "${CPU_TESTS_S:-0}" -gt 0 ]; then
