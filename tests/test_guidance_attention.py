@@ -183,6 +183,22 @@ def test_gradcheck_cpu_float64():
     assert torch.autograd.gradcheck(lambda *a: sk.guidance_attention(*a, window=2, backend="cpu"), args)
 
 
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("len_q", "len_k", "head_dim"), [(50, 48, 128), (17, 33, 17)])
+def test_cpu_rows_with_one_key_give_exactly_zero_q_and_k_gradients(dtype, len_q, len_k, head_dim):
+    """window 0 without global tokens: every query sees one key, o is v at its centre, and the gradients of q
+    and k are exactly 0. The cpu backend sums delta = dO . o in the order of its dO . v products, so
+    dO . v - delta cancels exactly."""
+    generator = seeded_generator(f"one key {dtype} {len_q} {len_k} {head_dim}")
+    q, k, v = (randn(generator, 1, 2, length, head_dim).to(dtype).requires_grad_()
+               for length in (len_q, len_k, len_k))
+    out = sk.guidance_attention(q, k, v, window=0, scale=0.3, backend="cpu")
+    out.backward(randn(generator, *out.shape).to(dtype))
+    assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(k.grad, torch.zeros_like(k))
+    assert v.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_torch_compile_fullgraph(backend, device):
     generator = seeded_generator("compile", backend)

@@ -2,7 +2,9 @@
 // one (batch, head), walk only the key tiles that intersect the band of the block (then the global
 // tokens as one more tile), keep a running max / sum per row (online softmax) and never build the
 // (Lq, Lk) score matrix. Dot products are computed tile-wide against a transposed tile (vector FMAs, no
-// horizontal sums); the softmax and the gradients then take exactly each row's allowed keys.
+// horizontal sums); the tiles are transposed once per call and shared by every block that visits them. The
+// softmax and the gradients then take exactly each row's allowed keys, and sums of weighted rows
+// (P V, dS K, ...) keep their accumulators in registers across the rows (no store per key).
 // The backward recomputes the probabilities from the saved row logsumexp: one pass over query blocks
 // for dq (and per-block partials of the global gradients, added afterwards in a fixed order), one pass
 // over key blocks for dk and dv that visits the queries whose band reaches the block. No thread ever
@@ -59,15 +61,49 @@ inline void transpose_rows(const acc_t* rows, int64_t count, int64_t dim, acc_t*
   }
 }
 
-// y += alpha * x
-template <typename acc_t>
-inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t dim) {
+// acc[c] += sum_j weights[j] * rows[j * dim + c] for the kVectors vectors of columns from acc: the
+// accumulators stay in registers across all the rows.
+template <typename acc_t, int kVectors>
+inline void add_weighted_rows_block(const acc_t* weights, int64_t count, const acc_t* rows, int64_t dim,
+                                    acc_t* acc) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t width = Vec::size();
-  const Vec a(alpha);
-  int64_t d = 0;
-  for (; d + width <= dim; d += width) at::vec::fmadd(a, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
-  for (; d < dim; ++d) y[d] += alpha * x[d];
+  Vec sums[kVectors];
+  for (int c = 0; c < kVectors; ++c) sums[c] = Vec::loadu(acc + c * Vec::size());
+  for (int64_t j = 0; j < count; ++j) {
+    const Vec weight(weights[j]);
+    const acc_t* row = rows + j * dim;
+    for (int c = 0; c < kVectors; ++c) sums[c] = at::vec::fmadd(weight, Vec::loadu(row + c * Vec::size()), sums[c]);
+  }
+  for (int c = 0; c < kVectors; ++c) sums[c].store(acc + c * Vec::size());
+}
+
+// acc[0, dim) += sum_j weights[j] * rows[j], for `count` rows `dim` apart: blocks of 8, 4, 2 and 1 vectors of
+// columns, then the scalar tail. One load and store of acc per call instead of one per row, whose
+// store-to-load latency would otherwise chain every row's FMAs.
+template <typename acc_t>
+inline void add_weighted_rows(const acc_t* weights, int64_t count, const acc_t* rows, int64_t dim, acc_t* acc) {
+  constexpr int64_t width = Vectorized<acc_t>::size();
+  int64_t c = 0;
+  for (; c + 8 * width <= dim; c += 8 * width) {
+    add_weighted_rows_block<acc_t, 8>(weights, count, rows + c, dim, acc + c);
+  }
+  if (c + 4 * width <= dim) {
+    add_weighted_rows_block<acc_t, 4>(weights, count, rows + c, dim, acc + c);
+    c += 4 * width;
+  }
+  if (c + 2 * width <= dim) {
+    add_weighted_rows_block<acc_t, 2>(weights, count, rows + c, dim, acc + c);
+    c += 2 * width;
+  }
+  if (c + width <= dim) {
+    add_weighted_rows_block<acc_t, 1>(weights, count, rows + c, dim, acc + c);
+    c += width;
+  }
+  for (; c < dim; ++c) {
+    acc_t sum = acc[c];
+    for (int64_t j = 0; j < count; ++j) sum += weights[j] * rows[j * dim + c];
+    acc[c] = sum;
+  }
 }
 
 template <typename acc_t>
@@ -77,6 +113,33 @@ inline void scale_row(acc_t factor, acc_t* y, int64_t dim) {
   int64_t d = 0;
   for (; d + width <= dim; d += width) (Vec::loadu(y + d) * Vec(factor)).store(y + d);
   for (; d < dim; ++d) y[d] *= factor;
+}
+
+// Every tile of kWidth rows of `rows` (B, H, count, dim; contiguous), transposed and zero-padded as in
+// transpose_rows: (B * H, ceil(count / kWidth), dim, kWidth). Made once per call, in parallel; every block
+// that visits a tile then reads it as it is.
+template <typename acc_t, int64_t kWidth>
+at::Tensor transposed_tiles(const at::Tensor& rows) {
+  const int64_t groups = rows.size(0) * rows.size(1), count = rows.size(2), dim = rows.size(3);
+  const int64_t tiles = (count + kWidth - 1) / kWidth;
+  at::Tensor result = at::empty({groups, tiles, dim, kWidth}, rows.options());
+  const acc_t* src = rows.data_ptr<acc_t>();
+  acc_t* dst = result.data_ptr<acc_t>();
+  at::parallel_for(0, groups * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / tiles, first = (task % tiles) * kWidth;
+      transpose_rows<acc_t, kWidth>(src + (group * count + first) * dim, std::min(kWidth, count - first), dim,
+                                    dst + task * dim * kWidth);
+    }
+  });
+  return result;
+}
+
+// Tile `index` of group bh of a transposed_tiles tensor (nullptr when there is none).
+template <typename acc_t>
+const acc_t* tile_of(const at::Tensor& tiles, int64_t bh, int64_t index) {
+  if (!tiles.defined()) return nullptr;
+  return tiles.data_ptr<acc_t>() + (bh * tiles.size(1) + index) * tiles.size(2) * tiles.size(3);
 }
 
 // The operands of one call, in the accumulation type and contiguous, with their row pointers.
@@ -156,28 +219,22 @@ inline void fold_scores(const acc_t* dots, int64_t count, const acc_t* values, a
                         acc_t* weights, acc_t& row_max, acc_t& row_sum, acc_t* acc) {
   using Vec = Vectorized<acc_t>;
   if (count <= 0) return;
-  acc_t tile_max = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < count; ++j) tile_max = std::max(tile_max, scale * dots[j]);
+  at::vec::map([scale](Vec x) { return x * Vec(scale); }, weights, dots, count);
+  const acc_t tile_max =
+      at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, weights, count);
   const acc_t new_max = std::max(row_max, tile_max);
   const acc_t correction = std::exp(row_max - new_max);  // exp(-inf) = 0 on the first tile
-  at::vec::map([scale, new_max](Vec x) { return (x * Vec(scale) - Vec(new_max)).exp(); }, weights, dots, count);
-  row_sum *= correction;
+  at::vec::map([new_max](Vec x) { return (x - Vec(new_max)).exp(); }, weights, weights, count);
+  row_sum = row_sum * correction + at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, weights, count);
   scale_row(correction, acc, dim);
-  for (int64_t j = 0; j < count; ++j) {
-    row_sum += weights[j];
-    axpy(weights[j], values + j * dim, acc, dim);
-  }
+  add_weighted_rows(weights, count, values, dim, acc);
   row_max = new_max;
 }
 
-// Scratch of one thread: transposed tiles and per-row products.
+// Per-row products of one tile, for one thread.
 template <typename acc_t>
 struct TileScratch {
-  explicit TileScratch(int64_t dim)
-      : first_t(dim * kKeyTile), second_t(dim * kKeyTile), dots(kKeyTile), more_dots(kKeyTile),
-        weights(kKeyTile), row_lse(kKeyTile), row_delta(kKeyTile) {}
-  std::vector<acc_t> first_t;   // dim x kKeyTile
-  std::vector<acc_t> second_t;  // dim x kKeyTile
+  TileScratch() : dots(kKeyTile), more_dots(kKeyTile), weights(kKeyTile), row_lse(kKeyTile), row_delta(kKeyTile) {}
   std::vector<acc_t> dots;
   std::vector<acc_t> more_dots;
   std::vector<acc_t> weights;
@@ -186,13 +243,14 @@ struct TileScratch {
 };
 
 template <typename acc_t>
-void forward_kernel(const Operands<acc_t>& op, acc_t* out, acc_t* lse) {
+void forward_kernel(const Operands<acc_t>& op, const at::Tensor& k_tiles, const at::Tensor& k_global_tiles,
+                    acc_t* out, acc_t* lse) {
   const GuidanceAttentionShape& shape = op.shape;
   const int64_t dim = shape.head_dim;
   const int64_t blocks = num_query_blocks(shape);
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
     RowState<acc_t> state(kQueryBlock, dim);
-    TileScratch<acc_t> scratch(dim);
+    TileScratch<acc_t> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks;
       const int64_t q_begin = (task % blocks) * kQueryBlock;
@@ -200,14 +258,14 @@ void forward_kernel(const Operands<acc_t>& op, acc_t* out, acc_t* lse) {
       std::fill(state.max.begin(), state.max.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(state.sum.begin(), state.sum.end(), acc_t(0));
       std::fill(state.acc.begin(), state.acc.end(), acc_t(0));
-      // Folds the tile of `count` keys whose transpose is in scratch.first_t into every row, each row
-      // restricted to its keys [first, last) of the tile (offsets from the tile start).
-      auto fold_tile = [&](const acc_t* values, auto row_span) {
+      // Folds the keys of the transposed tile `keys_t` into every row, each row restricted to its keys
+      // [first, last) of the tile (offsets from the tile start).
+      auto fold_tile = [&](const acc_t* keys_t, const acc_t* values, auto row_span) {
         for (int64_t i = q_begin; i < q_end; ++i) {
           const int64_t r = i - q_begin;
           const auto [first, last] = row_span(i);
           if (first >= last) continue;
-          row_times_tile<acc_t, kKeyTile>(op.q_row(bh, i), scratch.first_t.data(), dim, scratch.dots.data());
+          row_times_tile<acc_t, kKeyTile>(op.q_row(bh, i), keys_t, dim, scratch.dots.data());
           fold_scores(scratch.dots.data() + first, last - first, values + first * dim, op.scale, dim,
                       scratch.weights.data(), state.max[r], state.sum[r], state.acc.data() + r * dim);
         }
@@ -217,8 +275,7 @@ void forward_kernel(const Operands<acc_t>& op, acc_t* out, acc_t* lse) {
         const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
         for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
           const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
-          transpose_rows<acc_t, kKeyTile>(op.k_row(bh, tile), tile_end - tile, dim, scratch.first_t.data());
-          fold_tile(op.v_row(bh, tile), [&](int64_t i) {
+          fold_tile(tile_of<acc_t>(k_tiles, bh, tile / kKeyTile), op.v_row(bh, tile), [&](int64_t i) {
             const auto [first, last] = op.row_keys(i, tile, tile_end);
             return std::pair<int64_t, int64_t>{first - tile, last - tile};
           });
@@ -226,8 +283,8 @@ void forward_kernel(const Operands<acc_t>& op, acc_t* out, acc_t* lse) {
       }
       for (int64_t chunk = 0; chunk < shape.globals; chunk += kKeyTile) {
         const int64_t count = std::min(kKeyTile, shape.globals - chunk);
-        transpose_rows<acc_t, kKeyTile>(op.kg_row(bh, chunk), count, dim, scratch.first_t.data());
-        fold_tile(op.vg_row(bh, chunk), [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; });
+        fold_tile(tile_of<acc_t>(k_global_tiles, bh, chunk / kKeyTile), op.vg_row(bh, chunk),
+                  [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; });
       }
       for (int64_t i = q_begin; i < q_end; ++i) {
         const int64_t r = i - q_begin;
@@ -254,8 +311,11 @@ std::tuple<at::Tensor, at::Tensor> guidance_attention_cpu(const at::Tensor& q, c
   at::Tensor lse = at::empty({shape.batch, shape.heads, shape.len_q}, in.q.options());
   if (shape.batch * shape.heads * shape.len_q > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc_type, "guidance_attention_cpu", [&] {
-      forward_kernel<scalar_t>(operands_of<scalar_t>(in, shape, window, scale), out.data_ptr<scalar_t>(),
-                               lse.data_ptr<scalar_t>());
+      const at::Tensor k_tiles = transposed_tiles<scalar_t, kKeyTile>(in.k);
+      const at::Tensor k_global_tiles =
+          in.k_global.defined() ? transposed_tiles<scalar_t, kKeyTile>(in.k_global) : at::Tensor();
+      forward_kernel<scalar_t>(operands_of<scalar_t>(in, shape, window, scale), k_tiles, k_global_tiles,
+                               out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
     });
   }
   return {out.to(q.scalar_type()), lse};
@@ -272,71 +332,95 @@ inline void pair_grads(acc_t* q_dot_k, const acc_t* dout_dot_v, const acc_t* lse
   at::vec::map3([](Vec pv, Vec dp, Vec dl) { return pv * (dp - dl); }, q_dot_k, p, dout_dot_v, delta, count);
 }
 
+// delta_i = dO_i . o_i = sum_j p_ij dp_ij, the row term of the softmax backward, summed over the head dim in
+// the order of row_times_tile's dot products dO . v (one FMA per element, first to last): where a row's
+// probability sits on one key (o = v), ds = p (dO . v - delta) is then exactly 0, as the math says.
 template <typename acc_t>
-void backward_query_kernel(const Operands<acc_t>& op, const acc_t* grad_out, const acc_t* lse, const acc_t* delta,
-                           acc_t* grad_q, acc_t* global_partial) {
+void row_deltas(const acc_t* grad_out, const acc_t* out, int64_t rows, int64_t dim, acc_t* delta) {
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t sum = 0;
+      for (int64_t d = 0; d < dim; ++d) sum = std::fma(grad_out[r * dim + d], out[r * dim + d], sum);
+      delta[r] = sum;
+    }
+  });
+}
+
+// The transposed tiles the backward reads: keys and values by kKeyTile for the query pass, queries and
+// grad_out by kQueryBlock for the key pass.
+struct BackwardTiles {
+  at::Tensor k, v, k_global, v_global, q, grad_out;
+};
+
+template <typename acc_t>
+void backward_query_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, const acc_t* grad_out,
+                           const acc_t* lse, const acc_t* delta, acc_t* grad_q, acc_t* global_partial) {
   const GuidanceAttentionShape& shape = op.shape;
   const int64_t dim = shape.head_dim;
   const int64_t blocks = num_query_blocks(shape);
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    TileScratch<acc_t> scratch(dim);
+    TileScratch<acc_t> scratch;
+    // The global tokens' p and ds of every row of the block (kQueryBlock x kKeyTile), then one column.
+    std::vector<acc_t> global_p(kQueryBlock * kKeyTile), global_ds(kQueryBlock * kKeyTile), column(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks;
       const int64_t q_begin = (task % blocks) * kQueryBlock;
       const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
       std::fill(grad_q + (bh * shape.len_q + q_begin) * dim, grad_q + (bh * shape.len_q + q_end) * dim, acc_t(0));
-      // The tile of keys whose transposes are in scratch (keys in first_t, values in second_t), for every
-      // row restricted to its span; pair(i, t, p, ds) receives the pair of query i and key t of the tile.
-      auto visit_tile = [&](const acc_t* keys, auto row_span, auto pair) {
+      // The keys of one tile (transposed in keys_t and values_t, rows from `keys`) for every row restricted
+      // to its span: adds ds k to the row's dq; keep(r, p, ds) may keep row r's p and ds (from the row's first key).
+      auto visit_tile = [&](const acc_t* keys_t, const acc_t* values_t, const acc_t* keys, auto row_span,
+                            auto keep) {
         for (int64_t i = q_begin; i < q_end; ++i) {
           const auto [first, last] = row_span(i);
           if (first >= last) continue;
           const int64_t row = bh * shape.len_q + i;
-          row_times_tile<acc_t, kKeyTile>(op.q_row(bh, i), scratch.first_t.data(), dim, scratch.dots.data());
-          row_times_tile<acc_t, kKeyTile>(grad_out + row * dim, scratch.second_t.data(), dim,
-                                          scratch.more_dots.data());
-          acc_t* dq_row = grad_q + row * dim;
+          row_times_tile<acc_t, kKeyTile>(op.q_row(bh, i), keys_t, dim, scratch.dots.data());
+          row_times_tile<acc_t, kKeyTile>(grad_out + row * dim, values_t, dim, scratch.more_dots.data());
           const int64_t count = last - first;
           std::fill(scratch.row_lse.begin(), scratch.row_lse.begin() + count, lse[row]);
           std::fill(scratch.row_delta.begin(), scratch.row_delta.begin() + count, delta[row]);
           acc_t* ds = scratch.dots.data() + first;
-          const acc_t* p = scratch.weights.data();
           pair_grads(ds, scratch.more_dots.data() + first, scratch.row_lse.data(), scratch.row_delta.data(), op.scale,
                      count, scratch.weights.data());
-          for (int64_t t = first; t < last; ++t) {
-            axpy(ds[t - first], keys + t * dim, dq_row, dim);
-            pair(i, t, p[t - first], ds[t - first]);
-          }
+          add_weighted_rows(ds, count, keys + first * dim, dim, grad_q + row * dim);
+          keep(i - q_begin, scratch.weights.data(), ds);
         }
       };
       if (shape.len_k > 0) {
         const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
         for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
           const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
-          transpose_rows<acc_t, kKeyTile>(op.k_row(bh, tile), tile_end - tile, dim, scratch.first_t.data());
-          transpose_rows<acc_t, kKeyTile>(op.v_row(bh, tile), tile_end - tile, dim, scratch.second_t.data());
           visit_tile(
+              tile_of<acc_t>(tiles.k, bh, tile / kKeyTile), tile_of<acc_t>(tiles.v, bh, tile / kKeyTile),
               op.k_row(bh, tile),
               [&](int64_t i) {
                 const auto [first, last] = op.row_keys(i, tile, tile_end);
                 return std::pair<int64_t, int64_t>{first - tile, last - tile};
               },
-              [](int64_t, int64_t, acc_t, acc_t) {});
+              [](int64_t, const acc_t*, const acc_t*) {});
         }
       }
-      // This block's share of grad_k_global then grad_v_global, (2, G, Dh).
+      // This block's share of grad_k_global then grad_v_global, (2, G, Dh): every row sees every token, so
+      // each token's gradient is a weighted sum of the block's q (or grad_out) rows, one column of ds (p).
       acc_t* partial = global_partial == nullptr ? nullptr : global_partial + task * 2 * shape.globals * dim;
+      const int64_t rows = q_end - q_begin;
       for (int64_t chunk = 0; chunk < shape.globals; chunk += kKeyTile) {
         const int64_t count = std::min(kKeyTile, shape.globals - chunk);
-        transpose_rows<acc_t, kKeyTile>(op.kg_row(bh, chunk), count, dim, scratch.first_t.data());
-        transpose_rows<acc_t, kKeyTile>(op.vg_row(bh, chunk), count, dim, scratch.second_t.data());
         visit_tile(
+            tile_of<acc_t>(tiles.k_global, bh, chunk / kKeyTile), tile_of<acc_t>(tiles.v_global, bh, chunk / kKeyTile),
             op.kg_row(bh, chunk), [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; },
-            [&](int64_t i, int64_t t, acc_t p, acc_t ds) {
-              const int64_t row = bh * shape.len_q + i;
-              axpy(ds * op.scale, op.q_row(bh, i), partial + (chunk + t) * dim, dim);
-              axpy(p, grad_out + row * dim, partial + (shape.globals + chunk + t) * dim, dim);
+            [&](int64_t r, const acc_t* p, const acc_t* ds) {
+              std::copy(p, p + count, global_p.data() + r * kKeyTile);
+              std::copy(ds, ds + count, global_ds.data() + r * kKeyTile);
             });
+        for (int64_t t = 0; t < count; ++t) {
+          for (int64_t r = 0; r < rows; ++r) column[r] = global_ds[r * kKeyTile + t] * op.scale;
+          add_weighted_rows(column.data(), rows, op.q_row(bh, q_begin), dim, partial + (chunk + t) * dim);
+          for (int64_t r = 0; r < rows; ++r) column[r] = global_p[r * kKeyTile + t];
+          add_weighted_rows(column.data(), rows, grad_out + (bh * shape.len_q + q_begin) * dim, dim,
+                            partial + (shape.globals + chunk + t) * dim);
+        }
       }
       for (int64_t i = q_begin; i < q_end; ++i) scale_row(op.scale, grad_q + (bh * shape.len_q + i) * dim, dim);
     }
@@ -344,15 +428,15 @@ void backward_query_kernel(const Operands<acc_t>& op, const acc_t* grad_out, con
 }
 
 template <typename acc_t>
-void backward_key_kernel(const Operands<acc_t>& op, const acc_t* grad_out, const acc_t* lse, const acc_t* delta,
-                         acc_t* grad_k, acc_t* grad_v) {
+void backward_key_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, const acc_t* grad_out,
+                         const acc_t* lse, const acc_t* delta, acc_t* grad_k, acc_t* grad_v) {
+  using Vec = Vectorized<acc_t>;
   const GuidanceAttentionShape& shape = op.shape;
   const int64_t dim = shape.head_dim;
   const int64_t blocks = (shape.len_k + kKeyTile - 1) / kKeyTile;
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    // Transposed query and grad_out tiles of kQueryBlock rows, and the products of one key with them.
-    std::vector<acc_t> q_t(dim * kQueryBlock), dout_t(dim * kQueryBlock), dots(kQueryBlock), more_dots(kQueryBlock),
-        weights(kQueryBlock);
+    // The products of one key with a tile of kQueryBlock queries and grad_out rows.
+    std::vector<acc_t> dots(kQueryBlock), more_dots(kQueryBlock), weights(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks;
       const int64_t k_begin = (task % blocks) * kKeyTile;
@@ -365,26 +449,23 @@ void backward_key_kernel(const Operands<acc_t>& op, const acc_t* grad_out, const
       if (queries.first > queries.last) continue;
       for (int64_t tile = queries.first - queries.first % kQueryBlock; tile <= queries.last; tile += kQueryBlock) {
         const int64_t tile_end = std::min(shape.len_q, tile + kQueryBlock);
-        const int64_t first_row = bh * shape.len_q + tile;
-        transpose_rows<acc_t, kQueryBlock>(op.q_row(bh, tile), tile_end - tile, dim, q_t.data());
-        transpose_rows<acc_t, kQueryBlock>(grad_out + first_row * dim, tile_end - tile, dim, dout_t.data());
+        const acc_t* q_t = tile_of<acc_t>(tiles.q, bh, tile / kQueryBlock);
+        const acc_t* dout_t = tile_of<acc_t>(tiles.grad_out, bh, tile / kQueryBlock);
         for (int64_t j = k_begin; j < k_end; ++j) {
           const KeyRange seen_by = guidance_query_range(j, j + 1, shape.len_q, shape.len_k, op.window);
           const int64_t first = std::max(seen_by.first, tile), last = std::min(seen_by.last + 1, tile_end);
           if (first >= last) continue;
-          row_times_tile<acc_t, kQueryBlock>(op.k_row(bh, j), q_t.data(), dim, dots.data());
-          row_times_tile<acc_t, kQueryBlock>(op.v_row(bh, j), dout_t.data(), dim, more_dots.data());
-          acc_t* dk_row = grad_k + (bh * shape.len_k + j) * dim;
-          acc_t* dv_row = grad_v + (bh * shape.len_k + j) * dim;
+          row_times_tile<acc_t, kQueryBlock>(op.k_row(bh, j), q_t, dim, dots.data());
+          row_times_tile<acc_t, kQueryBlock>(op.v_row(bh, j), dout_t, dim, more_dots.data());
           const int64_t row_first = bh * shape.len_q + first;
+          const int64_t count = last - first;
           acc_t* ds = dots.data() + (first - tile);
-          pair_grads(ds, more_dots.data() + (first - tile), lse + row_first, delta + row_first, op.scale,
-                     last - first, weights.data());
-          for (int64_t i = first; i < last; ++i) {
-            const int64_t row = bh * shape.len_q + i;
-            axpy(ds[i - first] * op.scale, op.q_row(bh, i), dk_row, dim);
-            axpy(weights[i - first], grad_out + row * dim, dv_row, dim);
-          }
+          pair_grads(ds, more_dots.data() + (first - tile), lse + row_first, delta + row_first, op.scale, count,
+                     weights.data());
+          at::vec::map([scale = op.scale](Vec x) { return x * Vec(scale); }, ds, ds, count);
+          add_weighted_rows(ds, count, op.q_row(bh, first), dim, grad_k + (bh * shape.len_k + j) * dim);
+          add_weighted_rows(weights.data(), count, grad_out + row_first * dim, dim,
+                            grad_v + (bh * shape.len_k + j) * dim);
         }
       }
     }
@@ -425,9 +506,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_
   const Inputs in = to_acc(q, k, v, k_global, v_global, acc_type);
   const at::Tensor grad_out = grad_out_in.to(acc_type).contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  // delta_i = dO_i . O_i = sum_j P_ij dP_ij: the row term of the softmax backward.
-  const at::Tensor delta = (grad_out * out_in.to(acc_type)).sum(-1).contiguous();
+  const at::Tensor out = out_in.to(acc_type).contiguous();
   const auto acc_options = in.q.options();
+  const at::Tensor delta = at::empty({shape.batch, shape.heads, shape.len_q}, acc_options);
   at::Tensor grad_q = at::empty({shape.batch, shape.heads, shape.len_q, shape.head_dim}, acc_options);
   at::Tensor grad_k = at::empty({shape.batch, shape.heads, shape.len_k, shape.head_dim}, acc_options);
   at::Tensor grad_v = at::empty({shape.batch, shape.heads, shape.len_k, shape.head_dim}, acc_options);
@@ -440,12 +521,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_
   if (groups > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc_type, "guidance_attention_backward_cpu", [&] {
       const Operands<scalar_t> op = operands_of<scalar_t>(in, shape, window, scale);
+      BackwardTiles tiles{transposed_tiles<scalar_t, kKeyTile>(in.k), transposed_tiles<scalar_t, kKeyTile>(in.v),
+                          at::Tensor(), at::Tensor(), transposed_tiles<scalar_t, kQueryBlock>(in.q),
+                          transposed_tiles<scalar_t, kQueryBlock>(grad_out)};
+      if (k_global.has_value()) {
+        tiles.k_global = transposed_tiles<scalar_t, kKeyTile>(in.k_global);
+        tiles.v_global = transposed_tiles<scalar_t, kKeyTile>(in.v_global);
+      }
       const scalar_t* dout_p = grad_out.data_ptr<scalar_t>();
       const scalar_t* lse_p = lse.data_ptr<scalar_t>();
-      const scalar_t* delta_p = delta.data_ptr<scalar_t>();
-      backward_query_kernel<scalar_t>(op, dout_p, lse_p, delta_p, grad_q.data_ptr<scalar_t>(),
+      scalar_t* delta_p = delta.data_ptr<scalar_t>();
+      row_deltas(dout_p, out.data_ptr<scalar_t>(), groups * shape.len_q, shape.head_dim, delta_p);
+      backward_query_kernel<scalar_t>(op, tiles, dout_p, lse_p, delta_p, grad_q.data_ptr<scalar_t>(),
                                       global_partial.defined() ? global_partial.data_ptr<scalar_t>() : nullptr);
-      backward_key_kernel<scalar_t>(op, dout_p, lse_p, delta_p, grad_k.data_ptr<scalar_t>(),
+      backward_key_kernel<scalar_t>(op, tiles, dout_p, lse_p, delta_p, grad_k.data_ptr<scalar_t>(),
                                     grad_v.data_ptr<scalar_t>());
     });
   }
