@@ -111,3 +111,42 @@ def test_stepfusion_bench_writes_its_tables_and_plot(monkeypatch, tmp_path, caps
     assert markdown.count("\n| shift_expand |") == sum(row["op"] == "shift_expand" for row in rows)
     assert (out / "speedups.png").read_bytes().startswith(b"\x89PNG")
     assert "wrote " in capsys.readouterr().out
+
+
+def test_cpu_timing_runs_on_the_threads_the_report_names(monkeypatch):
+    """torch.utils.benchmark.Timer runs on one thread unless told; the report header names
+    torch.get_num_threads(), so the timer must be given that number."""
+    import torch.utils.benchmark as benchmark
+
+    given = {}
+
+    class Timer:
+        def __init__(self, stmt, globals, num_threads=1):
+            given["num_threads"] = num_threads
+
+        def blocked_autorange(self, min_run_time):
+            return type("Measurement", (), {"median": 0.002})()
+
+    monkeypatch.setattr(benchmark, "Timer", Timer)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert _harness.time_ms(lambda: None, "cpu") == 2.0
+    assert given["num_threads"] == 3
+    assert ", 3 threads;" in bench.describe_device("cpu")
+
+
+def test_cpu_peak_memory_prints_no_profiler_log():
+    """The CPU peak memory comes from torch.profiler, whose log lines (and, without a GPU, an ERROR about the
+    GPU count) would be printed among the tables; a fresh process shows the first profile's output."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch\nfrom stepfusion_kernels.bench._harness import peak_memory_mib\n"
+              "print(peak_memory_mib(lambda: torch.ones(1 << 20), 'cpu'))\n")
+    env = {key: value for key, value in os.environ.items() if key != "KINETO_LOG_LEVEL"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip()) >= 4.0  # the 4 MiB tensor
+    assert "profiler_start" not in done.stderr and "ERROR" not in done.stderr, done.stderr

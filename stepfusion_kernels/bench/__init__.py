@@ -24,7 +24,8 @@ def describe_device(device):
         versions += f", triton {triton.__version__}"
     except ImportError:
         pass
-    threads = "" if device == "cuda" else f", {torch.get_num_threads()} threads"
+    count = torch.get_num_threads()
+    threads = "" if device == "cuda" else f", {count} thread{'' if count == 1 else 's'}"
     return f"{device}: {name}{threads}; {versions}"
 
 
