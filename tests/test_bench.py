@@ -4,9 +4,13 @@ ratios, rates and files come out as the harness says. Nothing is timed here: the
 numbers (speed goals live in benchmarks/, not in tests)."""
 
 import csv
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.utils.benchmark as benchmark
 
 import stepfusion_kernels.bench as bench
 from harness import NEEDS_GPU, TOLERANCE, as_tuple, relative_error
@@ -116,8 +120,6 @@ def test_stepfusion_bench_writes_its_tables_and_plot(monkeypatch, tmp_path, caps
 def test_cpu_timing_runs_on_the_threads_the_report_names(monkeypatch):
     """torch.utils.benchmark.Timer runs on one thread unless told; the report header names
     torch.get_num_threads(), so the timer must be given that number."""
-    import torch.utils.benchmark as benchmark
-
     given = {}
 
     class Timer:
@@ -137,10 +139,6 @@ def test_cpu_timing_runs_on_the_threads_the_report_names(monkeypatch):
 def test_cpu_peak_memory_prints_no_profiler_log():
     """The CPU peak memory comes from torch.profiler, whose log lines (and, without a GPU, an ERROR about the
     GPU count) would be printed among the tables; a fresh process shows the first profile's output."""
-    import os
-    import subprocess
-    import sys
-
     script = ("import torch\nfrom stepfusion_kernels.bench._harness import peak_memory_mib\n"
               "print(peak_memory_mib(lambda: torch.ones(1 << 20), 'cpu'))\n")
     env = {key: value for key, value in os.environ.items() if key != "KINETO_LOG_LEVEL"}
