@@ -1,7 +1,9 @@
 """The README's examples work as written: its Python blocks run, and every `stepfusion-train`,
-`torchrun ... -m stepfusion_kernels.train` and `stepfusion-bench` command it shows parses with the CLI as
-it is now (task names, flags and their values). Parsing only: nothing is trained or timed."""
+`torchrun ... -m stepfusion_kernels.train` and `stepfusion-bench` command it or a page under docs/ shows
+parses with the CLI as it is now (task names, flags and their values). Parsing only: nothing is trained or
+timed."""
 
+import glob
 import os
 import re
 import shlex
@@ -11,18 +13,27 @@ import pytest
 from stepfusion_kernels import bench
 from stepfusion_kernels import train as cli
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-with open(README) as handle:
-    TEXT = handle.read()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
 
+
+def read(path):
+    with open(path) as handle:
+        return handle.read()
+
+
+TEXT = read(README)
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", TEXT, re.S)
+# Commands are checked wherever they are shown: the README and the detailed pages under docs/.
+COMMAND_TEXT = "\n".join([TEXT] + [read(path) for path in DOCS])
 
 
 def commands(pattern):
     """The arguments after each match of `pattern` (to the end of its code span or line, comments cut),
     leaving out usage lines with placeholders (TASK, DIR, a|b choices, [optional] parts)."""
     found = []
-    for match in re.finditer(pattern + r"([^`\n]*)", TEXT):
+    for match in re.finditer(pattern + r"([^`\n]*)", COMMAND_TEXT):
         arguments = match.group(1).split("#")[0].strip()
         if not re.search(r"TASK|DIR|\||\[|\.\.\.", arguments):
             found.append(arguments)
