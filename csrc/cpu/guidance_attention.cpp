@@ -7,7 +7,9 @@
 // (P V, dS K, ...) keep their accumulators in registers across the rows (no store per key).
 // The backward recomputes the probabilities from the saved row logsumexp: one pass over query blocks
 // for dq (and per-block partials of the global gradients, added afterwards in a fixed order), one pass
-// over key blocks for dk and dv that visits the queries whose band reaches the block. No thread ever
+// over key blocks for dk and dv that visits the queries whose band reaches the block. Each (rows x tile)
+// block goes as small register-blocked matrix products (scores and dO.v into scratch, p and ds over the
+// block, then the gradient rows), each row restricted to the part of the band it needs. No thread ever
 // writes another's rows, so the gradients are bitwise reproducible for any number of threads.
 // Inputs are converted to the accumulation type (fp32, fp64 for fp64) once, up front.
 #include <ATen/ATen.h>
@@ -19,6 +21,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../guidance_attention.h"
@@ -234,12 +238,9 @@ inline void fold_scores(const acc_t* dots, int64_t count, const acc_t* values, a
 // Per-row products of one tile, for one thread.
 template <typename acc_t>
 struct TileScratch {
-  TileScratch() : dots(kKeyTile), more_dots(kKeyTile), weights(kKeyTile), row_lse(kKeyTile), row_delta(kKeyTile) {}
+  TileScratch() : dots(kKeyTile), weights(kKeyTile) {}
   std::vector<acc_t> dots;
-  std::vector<acc_t> more_dots;
   std::vector<acc_t> weights;
-  std::vector<acc_t> row_lse;    // one row's lse and delta, repeated (the backward's vector operands)
-  std::vector<acc_t> row_delta;
 };
 
 template <typename acc_t>
@@ -321,19 +322,104 @@ std::tuple<at::Tensor, at::Tensor> guidance_attention_cpu(const at::Tensor& q, c
   return {out.to(q.scalar_type()), lse};
 }
 
-// The backward of `count` (query, key) pairs from their dot products q.k and dO.v, recomputed from the
-// saved lse: p = exp(scale q.k - lse), ds = p (dO.v - delta); the gradient of q.k is scale * ds. lse and
-// delta come as vectors (one per pair); ds overwrites q_dot_k, which is not needed past p.
-template <typename acc_t>
-inline void pair_grads(acc_t* q_dot_k, const acc_t* dout_dot_v, const acc_t* lse, const acc_t* delta, acc_t scale,
-                       int64_t count, acc_t* p) {
+// c[r][x] (+)= sum_k a[r * a_row + k * a_step] * b[k * ldb + x] over k in [k_begin, k_end), for kRows rows r and
+// kVectors vectors of columns x (c rows ldc apart). Register-blocked: each vector loaded from b feeds kRows FMAs
+// and each element broadcast from a feeds kVectors, so loads do not bound the FMAs, and the kRows * kVectors
+// independent accumulators cover the FMA latency. Each element adds its products in order of k, one FMA each
+// (row_deltas relies on it).
+template <typename acc_t, int kRows, int kVectors, bool kAccumulate>
+inline void multiply_block(const acc_t* a, int64_t a_row, int64_t a_step, const acc_t* b, int64_t ldb, int64_t k_begin,
+                           int64_t k_end, acc_t* c, int64_t ldc) {
   using Vec = Vectorized<acc_t>;
-  at::vec::map2([scale](Vec dot, Vec l) { return (dot * Vec(scale) - l).exp(); }, p, q_dot_k, lse, count);
-  at::vec::map3([](Vec pv, Vec dp, Vec dl) { return pv * (dp - dl); }, q_dot_k, p, dout_dot_v, delta, count);
+  Vec sums[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r) {
+    for (int x = 0; x < kVectors; ++x) {
+      sums[r][x] = kAccumulate ? Vec::loadu(c + r * ldc + x * Vec::size()) : Vec(acc_t(0));
+    }
+  }
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    Vec columns[kVectors];
+    for (int x = 0; x < kVectors; ++x) columns[x] = Vec::loadu(b + k * ldb + x * Vec::size());
+    for (int r = 0; r < kRows; ++r) {
+      const Vec element(a[r * a_row + k * a_step]);
+      for (int x = 0; x < kVectors; ++x) sums[r][x] = at::vec::fmadd(element, columns[x], sums[r][x]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int x = 0; x < kVectors; ++x) sums[r][x].store(c + r * ldc + x * Vec::size());
+  }
+}
+
+// The columns [0, width) of kRows rows of c (+)= a b as in multiply_block: blocks of two vectors, then one, then
+// the scalar tail (a head dim that is not a whole number of vectors).
+template <typename acc_t, int kRows, bool kAccumulate>
+inline void multiply_rows(const acc_t* a, int64_t a_row, int64_t a_step, const acc_t* b, int64_t ldb, int64_t width,
+                          int64_t k_begin, int64_t k_end, acc_t* c, int64_t ldc) {
+  constexpr int64_t size = Vectorized<acc_t>::size();
+  int64_t x = 0;
+  for (; x + 2 * size <= width; x += 2 * size) {
+    multiply_block<acc_t, kRows, 2, kAccumulate>(a, a_row, a_step, b + x, ldb, k_begin, k_end, c + x, ldc);
+  }
+  if (x + size <= width) {
+    multiply_block<acc_t, kRows, 1, kAccumulate>(a, a_row, a_step, b + x, ldb, k_begin, k_end, c + x, ldc);
+    x += size;
+  }
+  for (; x < width; ++x) {
+    for (int r = 0; r < kRows; ++r) {
+      acc_t sum = kAccumulate ? c[r * ldc + x] : acc_t(0);
+      for (int64_t k = k_begin; k < k_end; ++k) sum = std::fma(a[r * a_row + k * a_step], b[k * ldb + x], sum);
+      c[r * ldc + x] = sum;
+    }
+  }
+}
+
+// The part of a product c (+)= a b that a block of rows needs: the inner indices [k_begin, k_end) and the columns
+// [x_begin, x_end) of c. Outside them the products are zero (a's entries there are 0) or not read.
+struct BlockRange {
+  int64_t k_begin, k_end, x_begin, x_end;
+};
+
+// c (+)= a b for `rows` rows of a and c, in blocks of kRowBlock rows (then single rows), each over the part
+// range(r0, r1) of its rows [r0, r1).
+constexpr int kRowBlock = 4;
+
+template <typename acc_t, bool kAccumulate, typename Range>
+void multiply(const acc_t* a, int64_t a_row, int64_t a_step, int64_t rows, const acc_t* b, int64_t ldb, Range range,
+              acc_t* c, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + kRowBlock <= rows; r += kRowBlock) {
+    const BlockRange part = range(r, r + kRowBlock);
+    multiply_rows<acc_t, kRowBlock, kAccumulate>(a + r * a_row, a_row, a_step, b + part.x_begin, ldb,
+                                                 part.x_end - part.x_begin, part.k_begin, part.k_end,
+                                                 c + r * ldc + part.x_begin, ldc);
+  }
+  for (; r < rows; ++r) {
+    const BlockRange part = range(r, r + 1);
+    multiply_rows<acc_t, 1, kAccumulate>(a + r * a_row, a_row, a_step, b + part.x_begin, ldb, part.x_end - part.x_begin,
+                                         part.k_begin, part.k_end, c + r * ldc + part.x_begin, ldc);
+  }
+}
+
+// The backward of one row of `width` (query, key) pairs from their scores q.k and products dO.v, recomputed from
+// the saved lse (one per pair, as delta): p = exp(scale q.k - lse) and ds = scale p (dO.v - delta), the gradient
+// of q.k, for the row's pairs [first, last); 0 for the others, so that block products over whole rows add
+// nothing for them.
+template <typename acc_t>
+inline void pair_grads(const acc_t* q_dot_k, const acc_t* dout_dot_v, const acc_t* lse, const acc_t* delta,
+                       acc_t scale, int64_t first, int64_t last, int64_t width, acc_t* p, acc_t* ds) {
+  using Vec = Vectorized<acc_t>;
+  std::fill(p, p + first, acc_t(0));
+  std::fill(ds, ds + first, acc_t(0));
+  at::vec::map2([scale](Vec dot, Vec l) { return (dot * Vec(scale) - l).exp(); }, p + first, q_dot_k + first,
+                lse + first, last - first);
+  at::vec::map3([scale](Vec pv, Vec dp, Vec dl) { return pv * (dp - dl) * Vec(scale); }, ds + first, p + first,
+                dout_dot_v + first, delta + first, last - first);
+  std::fill(p + last, p + width, acc_t(0));
+  std::fill(ds + last, ds + width, acc_t(0));
 }
 
 // delta_i = dO_i . o_i = sum_j p_ij dp_ij, the row term of the softmax backward, summed over the head dim in
-// the order of row_times_tile's dot products dO . v (one FMA per element, first to last): where a row's
+// the order of multiply_block's dot products dO . v (one FMA per element, first to last): where a row's
 // probability sits on one key (o = v), ds = p (dO . v - delta) is then exactly 0, as the math says.
 template <typename acc_t>
 void row_deltas(const acc_t* grad_out, const acc_t* out, int64_t rows, int64_t dim, acc_t* delta) {
@@ -352,6 +438,47 @@ struct BackwardTiles {
   at::Tensor k, v, k_global, v_global, q, grad_out;
 };
 
+// One thread's products of a block of rows with a tile (rows x width, at most kKeyTile x kKeyTile): the
+// scores, the dO.v products, p and ds, and each row's span [first, last) of the tile.
+template <typename acc_t>
+struct BlockScratch {
+  BlockScratch()
+      : scores(kKeyTile * kKeyTile), dout_dot_v(kKeyTile * kKeyTile), p(kKeyTile * kKeyTile), ds(kKeyTile * kKeyTile),
+        lse(kKeyTile), delta(kKeyTile), first(kKeyTile), last(kKeyTile) {}
+  std::vector<acc_t> scores, dout_dot_v, p, ds;
+  std::vector<acc_t> lse, delta;  // per column of the tile (the key pass) or one row's, repeated (the query pass)
+  std::vector<int64_t> first, last;
+  // The union of the spans of rows [r0, r1).
+  std::pair<int64_t, int64_t> span_of(int64_t r0, int64_t r1) const {
+    return {*std::min_element(first.begin() + r0, first.begin() + r1),
+            *std::max_element(last.begin() + r0, last.begin() + r1)};
+  }
+  // The scores (or dO.v products) of rows [r0, r1): the whole head dim, the columns of their spans in whole
+  // vectors (the tile width is a whole number of them). Work outside the band is skipped at its edges.
+  BlockRange scores_of(int64_t r0, int64_t r1, int64_t dim) const {
+    constexpr int64_t size = Vectorized<acc_t>::size();
+    const auto [span_first, span_last] = span_of(r0, r1);
+    return {0, dim, span_first - span_first % size, (span_last + size - 1) / size * size};
+  }
+  // The gradient rows of rows [r0, r1) (dq, dk or dv): the whole head dim, summed over their spans.
+  BlockRange gradients_of(int64_t r0, int64_t r1, int64_t dim) const {
+    const auto [span_first, span_last] = span_of(r0, r1);
+    return {span_first, span_last, 0, dim};
+  }
+};
+
+// The rows [lo, hi) of [0, rows) whose span is not empty: an interval, as the spans move monotonically with the
+// row (the band follows the non-decreasing centres).
+inline std::pair<int64_t, int64_t> rows_with_pairs(const std::vector<int64_t>& first, const std::vector<int64_t>& last,
+                                                   int64_t rows) {
+  int64_t lo = 0, hi = rows;
+  while (lo < hi && first[lo] >= last[lo]) ++lo;
+  while (hi > lo && first[hi - 1] >= last[hi - 1]) --hi;
+  return {lo, hi};
+}
+
+// The query pass: per block of kQueryBlock queries and tile of kKeyTile keys, the scores S = Q K^T and products
+// dP = dO V^T of the block as small matrix products into scratch, then p and ds, then dQ += dS K.
 template <typename acc_t>
 void backward_query_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, const acc_t* grad_out,
                            const acc_t* lse, const acc_t* delta, acc_t* grad_q, acc_t* global_partial) {
@@ -359,114 +486,128 @@ void backward_query_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles
   const int64_t dim = shape.head_dim;
   const int64_t blocks = num_query_blocks(shape);
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    TileScratch<acc_t> scratch;
-    // The global tokens' p and ds of every row of the block (kQueryBlock x kKeyTile), then one column.
-    std::vector<acc_t> global_p(kQueryBlock * kKeyTile), global_ds(kQueryBlock * kKeyTile), column(kQueryBlock);
+    BlockScratch<acc_t> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks;
       const int64_t q_begin = (task % blocks) * kQueryBlock;
       const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
-      std::fill(grad_q + (bh * shape.len_q + q_begin) * dim, grad_q + (bh * shape.len_q + q_end) * dim, acc_t(0));
-      // The keys of one tile (transposed in keys_t and values_t, rows from `keys`) for every row restricted
-      // to its span: adds ds k to the row's dq; keep(r, p, ds) may keep row r's p and ds (from the row's first key).
-      auto visit_tile = [&](const acc_t* keys_t, const acc_t* values_t, const acc_t* keys, auto row_span,
-                            auto keep) {
-        for (int64_t i = q_begin; i < q_end; ++i) {
-          const auto [first, last] = row_span(i);
-          if (first >= last) continue;
-          const int64_t row = bh * shape.len_q + i;
-          row_times_tile<acc_t, kKeyTile>(op.q_row(bh, i), keys_t, dim, scratch.dots.data());
-          row_times_tile<acc_t, kKeyTile>(grad_out + row * dim, values_t, dim, scratch.more_dots.data());
-          const int64_t count = last - first;
-          std::fill(scratch.row_lse.begin(), scratch.row_lse.begin() + count, lse[row]);
-          std::fill(scratch.row_delta.begin(), scratch.row_delta.begin() + count, delta[row]);
-          acc_t* ds = scratch.dots.data() + first;
-          pair_grads(ds, scratch.more_dots.data() + first, scratch.row_lse.data(), scratch.row_delta.data(), op.scale,
-                     count, scratch.weights.data());
-          add_weighted_rows(ds, count, keys + first * dim, dim, grad_q + row * dim);
-          keep(i - q_begin, scratch.weights.data(), ds);
+      const int64_t rows = q_end - q_begin;
+      const acc_t* q_block = op.q_row(bh, q_begin);
+      const acc_t* dout_block = grad_out + (bh * shape.len_q + q_begin) * dim;
+      acc_t* grad_q_block = grad_q + (bh * shape.len_q + q_begin) * dim;
+      std::fill(grad_q_block, grad_q_block + rows * dim, acc_t(0));
+      // The keys of one tile (transposed in keys_t and values_t, rows from `keys`) for every row restricted to
+      // its span row_span(i) (offsets from the tile start): leaves p and ds of the block in scratch, adds dS K
+      // to dq.
+      auto visit_tile = [&](const acc_t* keys_t, const acc_t* values_t, const acc_t* keys, auto row_span) {
+        for (int64_t r = 0; r < rows; ++r) std::tie(scratch.first[r], scratch.last[r]) = row_span(q_begin + r);
+        const auto [lo, hi] = rows_with_pairs(scratch.first, scratch.last, rows);
+        if (lo >= hi) return;
+        auto scores = [&](int64_t r0, int64_t r1) { return scratch.scores_of(lo + r0, lo + r1, dim); };
+        multiply<acc_t, false>(q_block + lo * dim, dim, 1, hi - lo, keys_t, kKeyTile, scores,
+                               scratch.scores.data() + lo * kKeyTile, kKeyTile);
+        multiply<acc_t, false>(dout_block + lo * dim, dim, 1, hi - lo, values_t, kKeyTile, scores,
+                               scratch.dout_dot_v.data() + lo * kKeyTile, kKeyTile);
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t row = bh * shape.len_q + q_begin + r;
+          std::fill(scratch.lse.begin(), scratch.lse.end(), lse[row]);
+          std::fill(scratch.delta.begin(), scratch.delta.end(), delta[row]);
+          pair_grads(scratch.scores.data() + r * kKeyTile, scratch.dout_dot_v.data() + r * kKeyTile, scratch.lse.data(),
+                     scratch.delta.data(), op.scale, scratch.first[r], scratch.last[r], kKeyTile,
+                     scratch.p.data() + r * kKeyTile, scratch.ds.data() + r * kKeyTile);
         }
+        multiply<acc_t, true>(
+            scratch.ds.data() + lo * kKeyTile, kKeyTile, 1, hi - lo, keys, dim,
+            [&](int64_t r0, int64_t r1) { return scratch.gradients_of(lo + r0, lo + r1, dim); },
+            grad_q_block + lo * dim, dim);
       };
       if (shape.len_k > 0) {
         const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
         for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
           const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
-          visit_tile(
-              tile_of<acc_t>(tiles.k, bh, tile / kKeyTile), tile_of<acc_t>(tiles.v, bh, tile / kKeyTile),
-              op.k_row(bh, tile),
-              [&](int64_t i) {
-                const auto [first, last] = op.row_keys(i, tile, tile_end);
-                return std::pair<int64_t, int64_t>{first - tile, last - tile};
-              },
-              [](int64_t, const acc_t*, const acc_t*) {});
+          visit_tile(tile_of<acc_t>(tiles.k, bh, tile / kKeyTile), tile_of<acc_t>(tiles.v, bh, tile / kKeyTile),
+                     op.k_row(bh, tile), [&](int64_t i) {
+                       // Clamped into the tile: an empty span is first == last.
+                       const auto [first, last] = op.row_keys(i, tile, tile_end);
+                       const int64_t clamped_first = std::min(first, tile_end);
+                       return std::pair<int64_t, int64_t>{clamped_first - tile, std::max(clamped_first, last) - tile};
+                     });
         }
       }
       // This block's share of grad_k_global then grad_v_global, (2, G, Dh): every row sees every token, so
-      // each token's gradient is a weighted sum of the block's q (or grad_out) rows, one column of ds (p).
+      // dK_global += dS^T Q and dV_global += P^T dO over the block's rows.
       acc_t* partial = global_partial == nullptr ? nullptr : global_partial + task * 2 * shape.globals * dim;
-      const int64_t rows = q_end - q_begin;
+      auto all_rows = [rows, dim](int64_t, int64_t) { return BlockRange{0, rows, 0, dim}; };
       for (int64_t chunk = 0; chunk < shape.globals; chunk += kKeyTile) {
         const int64_t count = std::min(kKeyTile, shape.globals - chunk);
-        visit_tile(
-            tile_of<acc_t>(tiles.k_global, bh, chunk / kKeyTile), tile_of<acc_t>(tiles.v_global, bh, chunk / kKeyTile),
-            op.kg_row(bh, chunk), [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; },
-            [&](int64_t r, const acc_t* p, const acc_t* ds) {
-              std::copy(p, p + count, global_p.data() + r * kKeyTile);
-              std::copy(ds, ds + count, global_ds.data() + r * kKeyTile);
-            });
-        for (int64_t t = 0; t < count; ++t) {
-          for (int64_t r = 0; r < rows; ++r) column[r] = global_ds[r * kKeyTile + t] * op.scale;
-          add_weighted_rows(column.data(), rows, op.q_row(bh, q_begin), dim, partial + (chunk + t) * dim);
-          for (int64_t r = 0; r < rows; ++r) column[r] = global_p[r * kKeyTile + t];
-          add_weighted_rows(column.data(), rows, grad_out + (bh * shape.len_q + q_begin) * dim, dim,
-                            partial + (shape.globals + chunk + t) * dim);
-        }
+        visit_tile(tile_of<acc_t>(tiles.k_global, bh, chunk / kKeyTile),
+                   tile_of<acc_t>(tiles.v_global, bh, chunk / kKeyTile), op.kg_row(bh, chunk),
+                   [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; });
+        multiply<acc_t, true>(scratch.ds.data(), 1, kKeyTile, count, q_block, dim, all_rows,
+                              partial + chunk * dim, dim);
+        multiply<acc_t, true>(scratch.p.data(), 1, kKeyTile, count, dout_block, dim, all_rows,
+                              partial + (shape.globals + chunk) * dim, dim);
       }
-      for (int64_t i = q_begin; i < q_end; ++i) scale_row(op.scale, grad_q + (bh * shape.len_q + i) * dim, dim);
     }
   });
 }
 
+// The key pass: per block of kKeyTile keys and tile of kQueryBlock queries, S^T = K Q^T and dP^T = V dO^T as
+// small matrix products into scratch, then p and ds, then dK += dS^T Q and dV += P^T dO.
 template <typename acc_t>
 void backward_key_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, const acc_t* grad_out,
                          const acc_t* lse, const acc_t* delta, acc_t* grad_k, acc_t* grad_v) {
-  using Vec = Vectorized<acc_t>;
   const GuidanceAttentionShape& shape = op.shape;
   const int64_t dim = shape.head_dim;
   const int64_t blocks = (shape.len_k + kKeyTile - 1) / kKeyTile;
   at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    // The products of one key with a tile of kQueryBlock queries and grad_out rows.
-    std::vector<acc_t> dots(kQueryBlock), more_dots(kQueryBlock), weights(kQueryBlock);
+    BlockScratch<acc_t> scratch;
+    std::vector<KeyRange> seen_by(kKeyTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks;
       const int64_t k_begin = (task % blocks) * kKeyTile;
       const int64_t k_end = std::min(shape.len_k, k_begin + kKeyTile);
-      std::fill(grad_k + (bh * shape.len_k + k_begin) * dim, grad_k + (bh * shape.len_k + k_end) * dim, acc_t(0));
-      std::fill(grad_v + (bh * shape.len_k + k_begin) * dim, grad_v + (bh * shape.len_k + k_end) * dim, acc_t(0));
+      const int64_t keys = k_end - k_begin;
+      acc_t* grad_k_block = grad_k + (bh * shape.len_k + k_begin) * dim;
+      acc_t* grad_v_block = grad_v + (bh * shape.len_k + k_begin) * dim;
+      std::fill(grad_k_block, grad_k_block + keys * dim, acc_t(0));
+      std::fill(grad_v_block, grad_v_block + keys * dim, acc_t(0));
       // Only the query tiles whose band reaches this key block; within a tile, each key visits exactly
       // the queries that see it (an interval, by the monotone centres).
       const KeyRange queries = guidance_query_range(k_begin, k_end, shape.len_q, shape.len_k, op.window);
       if (queries.first > queries.last) continue;
+      for (int64_t r = 0; r < keys; ++r) {
+        seen_by[r] = guidance_query_range(k_begin + r, k_begin + r + 1, shape.len_q, shape.len_k, op.window);
+      }
       for (int64_t tile = queries.first - queries.first % kQueryBlock; tile <= queries.last; tile += kQueryBlock) {
         const int64_t tile_end = std::min(shape.len_q, tile + kQueryBlock);
-        const acc_t* q_t = tile_of<acc_t>(tiles.q, bh, tile / kQueryBlock);
-        const acc_t* dout_t = tile_of<acc_t>(tiles.grad_out, bh, tile / kQueryBlock);
-        for (int64_t j = k_begin; j < k_end; ++j) {
-          const KeyRange seen_by = guidance_query_range(j, j + 1, shape.len_q, shape.len_k, op.window);
-          const int64_t first = std::max(seen_by.first, tile), last = std::min(seen_by.last + 1, tile_end);
-          if (first >= last) continue;
-          row_times_tile<acc_t, kQueryBlock>(op.k_row(bh, j), q_t, dim, dots.data());
-          row_times_tile<acc_t, kQueryBlock>(op.v_row(bh, j), dout_t, dim, more_dots.data());
-          const int64_t row_first = bh * shape.len_q + first;
-          const int64_t count = last - first;
-          acc_t* ds = dots.data() + (first - tile);
-          pair_grads(ds, more_dots.data() + (first - tile), lse + row_first, delta + row_first, op.scale, count,
-                     weights.data());
-          at::vec::map([scale = op.scale](Vec x) { return x * Vec(scale); }, ds, ds, count);
-          add_weighted_rows(ds, count, op.q_row(bh, first), dim, grad_k + (bh * shape.len_k + j) * dim);
-          add_weighted_rows(weights.data(), count, grad_out + row_first * dim, dim,
-                            grad_v + (bh * shape.len_k + j) * dim);
+        for (int64_t r = 0; r < keys; ++r) {
+          scratch.first[r] = std::min(std::max(seen_by[r].first, tile), tile_end) - tile;
+          scratch.last[r] = std::max(std::min(seen_by[r].last + 1, tile_end) - tile, scratch.first[r]);
         }
+        const auto [lo, hi] = rows_with_pairs(scratch.first, scratch.last, keys);
+        if (lo >= hi) continue;
+        const acc_t* q_tile = op.q_row(bh, tile);
+        const acc_t* dout_tile = grad_out + (bh * shape.len_q + tile) * dim;
+        std::copy(lse + bh * shape.len_q + tile, lse + bh * shape.len_q + tile_end, scratch.lse.begin());
+        std::copy(delta + bh * shape.len_q + tile, delta + bh * shape.len_q + tile_end, scratch.delta.begin());
+        auto scores = [&](int64_t r0, int64_t r1) { return scratch.scores_of(lo + r0, lo + r1, dim); };
+        multiply<acc_t, false>(op.k_row(bh, k_begin + lo), dim, 1, hi - lo,
+                               tile_of<acc_t>(tiles.q, bh, tile / kQueryBlock), kQueryBlock, scores,
+                               scratch.scores.data() + lo * kQueryBlock, kQueryBlock);
+        multiply<acc_t, false>(op.v_row(bh, k_begin + lo), dim, 1, hi - lo,
+                               tile_of<acc_t>(tiles.grad_out, bh, tile / kQueryBlock), kQueryBlock, scores,
+                               scratch.dout_dot_v.data() + lo * kQueryBlock, kQueryBlock);
+        for (int64_t r = lo; r < hi; ++r) {
+          pair_grads(scratch.scores.data() + r * kQueryBlock, scratch.dout_dot_v.data() + r * kQueryBlock,
+                     scratch.lse.data(), scratch.delta.data(), op.scale, scratch.first[r], scratch.last[r],
+                     kQueryBlock, scratch.p.data() + r * kQueryBlock, scratch.ds.data() + r * kQueryBlock);
+        }
+        auto gradients = [&](int64_t r0, int64_t r1) { return scratch.gradients_of(lo + r0, lo + r1, dim); };
+        multiply<acc_t, true>(scratch.ds.data() + lo * kQueryBlock, kQueryBlock, 1, hi - lo, q_tile, dim, gradients,
+                              grad_k_block + lo * dim, dim);
+        multiply<acc_t, true>(scratch.p.data() + lo * kQueryBlock, kQueryBlock, 1, hi - lo, dout_tile, dim, gradients,
+                              grad_v_block + lo * dim, dim);
       }
     }
   });
