@@ -400,20 +400,20 @@ void multiply(const acc_t* a, int64_t a_row, int64_t a_step, int64_t rows, const
   }
 }
 
-// The backward of one row of `width` (query, key) pairs from their scores q.k and products dO.v, recomputed from
-// the saved lse (one per pair, as delta): p = exp(scale q.k - lse) and ds = scale p (dO.v - delta), the gradient
-// of q.k, for the row's pairs [first, last); 0 for the others, so that block products over whole rows add
-// nothing for them.
+// The backward of a row of (query, key) pairs from their scores q.k and products dO.v, recomputed from the
+// row's saved lse and delta: p = exp(scale q.k - lse) and ds = scale p (dO.v - delta), the gradient of q.k, for
+// the row's pairs [first, last); 0 for its other pairs in [0, width), so that block products over whole rows
+// add nothing for them.
 template <typename acc_t>
-inline void pair_grads(const acc_t* q_dot_k, const acc_t* dout_dot_v, const acc_t* lse, const acc_t* delta,
-                       acc_t scale, int64_t first, int64_t last, int64_t width, acc_t* p, acc_t* ds) {
+inline void pair_grads(const acc_t* q_dot_k, const acc_t* dout_dot_v, acc_t lse, acc_t delta, acc_t scale,
+                       int64_t first, int64_t last, int64_t width, acc_t* p, acc_t* ds) {
   using Vec = Vectorized<acc_t>;
   std::fill(p, p + first, acc_t(0));
   std::fill(ds, ds + first, acc_t(0));
-  at::vec::map2([scale](Vec dot, Vec l) { return (dot * Vec(scale) - l).exp(); }, p + first, q_dot_k + first,
-                lse + first, last - first);
-  at::vec::map3([scale](Vec pv, Vec dp, Vec dl) { return pv * (dp - dl) * Vec(scale); }, ds + first, p + first,
-                dout_dot_v + first, delta + first, last - first);
+  at::vec::map([scale, lse](Vec dot) { return (dot * Vec(scale) - Vec(lse)).exp(); }, p + first, q_dot_k + first,
+               last - first);
+  at::vec::map2([scale, delta](Vec pv, Vec dp) { return pv * (dp - Vec(delta)) * Vec(scale); }, ds + first,
+                p + first, dout_dot_v + first, last - first);
   std::fill(p + last, p + width, acc_t(0));
   std::fill(ds + last, ds + width, acc_t(0));
 }
@@ -432,40 +432,17 @@ void row_deltas(const acc_t* grad_out, const acc_t* out, int64_t rows, int64_t d
   });
 }
 
-// The transposed tiles the backward reads: keys and values by kKeyTile for the query pass, queries and
-// grad_out by kQueryBlock for the key pass.
+// The transposed tiles of kKeyTile keys and values (and global tokens) that both passes read.
 struct BackwardTiles {
-  at::Tensor k, v, k_global, v_global, q, grad_out;
+  at::Tensor k, v, k_global, v_global;
 };
 
-// One thread's products of a block of rows with a tile (rows x width, at most kKeyTile x kKeyTile): the
-// scores, the dO.v products, p and ds, and each row's span [first, last) of the tile.
-template <typename acc_t>
-struct BlockScratch {
-  BlockScratch()
-      : scores(kKeyTile * kKeyTile), dout_dot_v(kKeyTile * kKeyTile), p(kKeyTile * kKeyTile), ds(kKeyTile * kKeyTile),
-        lse(kKeyTile), delta(kKeyTile), first(kKeyTile), last(kKeyTile) {}
-  std::vector<acc_t> scores, dout_dot_v, p, ds;
-  std::vector<acc_t> lse, delta;  // per column of the tile (the key pass) or one row's, repeated (the query pass)
-  std::vector<int64_t> first, last;
-  // The union of the spans of rows [r0, r1).
-  std::pair<int64_t, int64_t> span_of(int64_t r0, int64_t r1) const {
-    return {*std::min_element(first.begin() + r0, first.begin() + r1),
-            *std::max_element(last.begin() + r0, last.begin() + r1)};
-  }
-  // The scores (or dO.v products) of rows [r0, r1): the whole head dim, the columns of their spans in whole
-  // vectors (the tile width is a whole number of them). Work outside the band is skipped at its edges.
-  BlockRange scores_of(int64_t r0, int64_t r1, int64_t dim) const {
-    constexpr int64_t size = Vectorized<acc_t>::size();
-    const auto [span_first, span_last] = span_of(r0, r1);
-    return {0, dim, span_first - span_first % size, (span_last + size - 1) / size * size};
-  }
-  // The gradient rows of rows [r0, r1) (dq, dk or dv): the whole head dim, summed over their spans.
-  BlockRange gradients_of(int64_t r0, int64_t r1, int64_t dim) const {
-    const auto [span_first, span_last] = span_of(r0, r1);
-    return {span_first, span_last, 0, dim};
-  }
-};
+// The union [min first, max last) of the spans [first[r], last[r]) of rows [r0, r1).
+inline std::pair<int64_t, int64_t> union_of(const std::vector<int64_t>& first, const std::vector<int64_t>& last,
+                                            int64_t r0, int64_t r1) {
+  return {*std::min_element(first.begin() + r0, first.begin() + r1),
+          *std::max_element(last.begin() + r0, last.begin() + r1)};
+}
 
 // The rows [lo, hi) of [0, rows) whose span is not empty: an interval, as the spans move monotonically with the
 // row (the band follows the non-decreasing centres).
@@ -477,8 +454,72 @@ inline std::pair<int64_t, int64_t> rows_with_pairs(const std::vector<int64_t>& f
   return {lo, hi};
 }
 
-// The query pass: per block of kQueryBlock queries and tile of kKeyTile keys, the scores S = Q K^T and products
-// dP = dO V^T of the block as small matrix products into scratch, then p and ds, then dQ += dS K.
+// One thread's block of up to kQueryBlock query rows against a tile of kKeyTile keys: the scores, the dO.v
+// products, p and ds (rows kKeyTile apart); each query row's span [first, last) of the tile's keys and, for
+// the key pass, each key's span [key_first, key_last) of the block's rows.
+template <typename acc_t>
+struct BlockScratch {
+  BlockScratch()
+      : scores(kQueryBlock * kKeyTile), dout_dot_v(kQueryBlock * kKeyTile), p(kQueryBlock * kKeyTile),
+        ds(kQueryBlock * kKeyTile), first(kQueryBlock), last(kQueryBlock), key_first(kKeyTile), key_last(kKeyTile) {}
+  std::vector<acc_t> scores, dout_dot_v, p, ds;
+  std::vector<int64_t> first, last, key_first, key_last;
+  // The scores (or dO.v products) of query rows [r0, r1): the whole head dim, the keys of their spans in whole
+  // vectors (the tile width is a whole number of them), so that work outside the band is skipped at its edges.
+  BlockRange scores_of(int64_t r0, int64_t r1, int64_t dim) const {
+    constexpr int64_t size = Vectorized<acc_t>::size();
+    const auto [span_first, span_last] = union_of(first, last, r0, r1);
+    return {0, dim, span_first - span_first % size, (span_last + size - 1) / size * size};
+  }
+  // The dq of query rows [r0, r1): the whole head dim, summed over the keys of their spans.
+  BlockRange dq_of(int64_t r0, int64_t r1, int64_t dim) const {
+    const auto [span_first, span_last] = union_of(first, last, r0, r1);
+    return {span_first, span_last, 0, dim};
+  }
+  // The dk (or dv) of keys [r0, r1): the whole head dim, summed over the query rows that see them.
+  BlockRange dk_of(int64_t r0, int64_t r1, int64_t dim) const {
+    const auto [span_first, span_last] = union_of(key_first, key_last, r0, r1);
+    return {span_first, span_last, 0, dim};
+  }
+};
+
+// p and ds of the query rows [q_begin, q_begin + rows) against one tile of keys, transposed in keys_t and
+// values_t, each row restricted to its span row_span(i) of the tile (offsets from the tile start, first ==
+// last when empty): the scores and dO.v products as register-blocked matrix products, then pair_grads. Leaves
+// them in scratch and returns the rows [lo, hi) that have keys in the tile.
+template <typename acc_t, typename RowSpan>
+std::pair<int64_t, int64_t> block_grads(const Operands<acc_t>& op, int64_t bh, int64_t q_begin, int64_t rows,
+                                        const acc_t* grad_out, const acc_t* lse, const acc_t* delta,
+                                        const acc_t* keys_t, const acc_t* values_t, RowSpan row_span,
+                                        BlockScratch<acc_t>& scratch) {
+  const int64_t dim = op.shape.head_dim;
+  for (int64_t r = 0; r < rows; ++r) std::tie(scratch.first[r], scratch.last[r]) = row_span(q_begin + r);
+  const auto [lo, hi] = rows_with_pairs(scratch.first, scratch.last, rows);
+  if (lo >= hi) return {lo, hi};
+  const int64_t row_begin = bh * op.shape.len_q + q_begin;
+  auto scores = [&, lo = lo](int64_t r0, int64_t r1) { return scratch.scores_of(lo + r0, lo + r1, dim); };
+  multiply<acc_t, false>(op.q_row(bh, q_begin + lo), dim, 1, hi - lo, keys_t, kKeyTile, scores,
+                         scratch.scores.data() + lo * kKeyTile, kKeyTile);
+  multiply<acc_t, false>(grad_out + (row_begin + lo) * dim, dim, 1, hi - lo, values_t, kKeyTile, scores,
+                         scratch.dout_dot_v.data() + lo * kKeyTile, kKeyTile);
+  for (int64_t r = lo; r < hi; ++r) {
+    pair_grads(scratch.scores.data() + r * kKeyTile, scratch.dout_dot_v.data() + r * kKeyTile, lse[row_begin + r],
+               delta[row_begin + r], op.scale, scratch.first[r], scratch.last[r], kKeyTile,
+               scratch.p.data() + r * kKeyTile, scratch.ds.data() + r * kKeyTile);
+  }
+  return {lo, hi};
+}
+
+// The span of query i in the keys [tile, tile_end), as offsets from tile; first == last when empty.
+template <typename acc_t>
+std::pair<int64_t, int64_t> span_in_tile(const Operands<acc_t>& op, int64_t i, int64_t tile, int64_t tile_end) {
+  const auto [first, last] = op.row_keys(i, tile, tile_end);
+  const int64_t clamped_first = std::min(first, tile_end);
+  return {clamped_first - tile, std::max(clamped_first, last) - tile};
+}
+
+// The query pass: per block of kQueryBlock queries and tile of kKeyTile keys, p and ds (block_grads), then
+// dQ += dS K.
 template <typename acc_t>
 void backward_query_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, const acc_t* grad_out,
                            const acc_t* lse, const acc_t* delta, acc_t* grad_q, acc_t* global_partial) {
@@ -492,33 +533,17 @@ void backward_query_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles
       const int64_t q_begin = (task % blocks) * kQueryBlock;
       const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
       const int64_t rows = q_end - q_begin;
-      const acc_t* q_block = op.q_row(bh, q_begin);
-      const acc_t* dout_block = grad_out + (bh * shape.len_q + q_begin) * dim;
       acc_t* grad_q_block = grad_q + (bh * shape.len_q + q_begin) * dim;
       std::fill(grad_q_block, grad_q_block + rows * dim, acc_t(0));
       // The keys of one tile (transposed in keys_t and values_t, rows from `keys`) for every row restricted to
-      // its span row_span(i) (offsets from the tile start): leaves p and ds of the block in scratch, adds dS K
-      // to dq.
+      // its span row_span(i): adds dS K to dq, leaves p and ds in scratch.
       auto visit_tile = [&](const acc_t* keys_t, const acc_t* values_t, const acc_t* keys, auto row_span) {
-        for (int64_t r = 0; r < rows; ++r) std::tie(scratch.first[r], scratch.last[r]) = row_span(q_begin + r);
-        const auto [lo, hi] = rows_with_pairs(scratch.first, scratch.last, rows);
+        const auto [lo, hi] =
+            block_grads(op, bh, q_begin, rows, grad_out, lse, delta, keys_t, values_t, row_span, scratch);
         if (lo >= hi) return;
-        auto scores = [&](int64_t r0, int64_t r1) { return scratch.scores_of(lo + r0, lo + r1, dim); };
-        multiply<acc_t, false>(q_block + lo * dim, dim, 1, hi - lo, keys_t, kKeyTile, scores,
-                               scratch.scores.data() + lo * kKeyTile, kKeyTile);
-        multiply<acc_t, false>(dout_block + lo * dim, dim, 1, hi - lo, values_t, kKeyTile, scores,
-                               scratch.dout_dot_v.data() + lo * kKeyTile, kKeyTile);
-        for (int64_t r = lo; r < hi; ++r) {
-          const int64_t row = bh * shape.len_q + q_begin + r;
-          std::fill(scratch.lse.begin(), scratch.lse.end(), lse[row]);
-          std::fill(scratch.delta.begin(), scratch.delta.end(), delta[row]);
-          pair_grads(scratch.scores.data() + r * kKeyTile, scratch.dout_dot_v.data() + r * kKeyTile, scratch.lse.data(),
-                     scratch.delta.data(), op.scale, scratch.first[r], scratch.last[r], kKeyTile,
-                     scratch.p.data() + r * kKeyTile, scratch.ds.data() + r * kKeyTile);
-        }
         multiply<acc_t, true>(
             scratch.ds.data() + lo * kKeyTile, kKeyTile, 1, hi - lo, keys, dim,
-            [&](int64_t r0, int64_t r1) { return scratch.gradients_of(lo + r0, lo + r1, dim); },
+            [&, lo = lo](int64_t r0, int64_t r1) { return scratch.dq_of(lo + r0, lo + r1, dim); },
             grad_q_block + lo * dim, dim);
       };
       if (shape.len_k > 0) {
@@ -526,12 +551,7 @@ void backward_query_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles
         for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
           const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
           visit_tile(tile_of<acc_t>(tiles.k, bh, tile / kKeyTile), tile_of<acc_t>(tiles.v, bh, tile / kKeyTile),
-                     op.k_row(bh, tile), [&](int64_t i) {
-                       // Clamped into the tile: an empty span is first == last.
-                       const auto [first, last] = op.row_keys(i, tile, tile_end);
-                       const int64_t clamped_first = std::min(first, tile_end);
-                       return std::pair<int64_t, int64_t>{clamped_first - tile, std::max(clamped_first, last) - tile};
-                     });
+                     op.k_row(bh, tile), [&](int64_t i) { return span_in_tile(op, i, tile, tile_end); });
         }
       }
       // This block's share of grad_k_global then grad_v_global, (2, G, Dh): every row sees every token, so
@@ -543,17 +563,17 @@ void backward_query_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles
         visit_tile(tile_of<acc_t>(tiles.k_global, bh, chunk / kKeyTile),
                    tile_of<acc_t>(tiles.v_global, bh, chunk / kKeyTile), op.kg_row(bh, chunk),
                    [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; });
-        multiply<acc_t, true>(scratch.ds.data(), 1, kKeyTile, count, q_block, dim, all_rows,
+        multiply<acc_t, true>(scratch.ds.data(), 1, kKeyTile, count, op.q_row(bh, q_begin), dim, all_rows,
                               partial + chunk * dim, dim);
-        multiply<acc_t, true>(scratch.p.data(), 1, kKeyTile, count, dout_block, dim, all_rows,
-                              partial + (shape.globals + chunk) * dim, dim);
+        multiply<acc_t, true>(scratch.p.data(), 1, kKeyTile, count, grad_out + (bh * shape.len_q + q_begin) * dim,
+                              dim, all_rows, partial + (shape.globals + chunk) * dim, dim);
       }
     }
   });
 }
 
-// The key pass: per block of kKeyTile keys and tile of kQueryBlock queries, S^T = K Q^T and dP^T = V dO^T as
-// small matrix products into scratch, then p and ds, then dK += dS^T Q and dV += P^T dO.
+// The key pass: per block of kKeyTile keys and tile of kQueryBlock queries, the same p and ds as the query pass
+// (block_grads), then dK += dS^T Q and dV += P^T dO.
 template <typename acc_t>
 void backward_key_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, const acc_t* grad_out,
                          const acc_t* lse, const acc_t* delta, acc_t* grad_k, acc_t* grad_v) {
@@ -568,12 +588,14 @@ void backward_key_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, 
       const int64_t k_begin = (task % blocks) * kKeyTile;
       const int64_t k_end = std::min(shape.len_k, k_begin + kKeyTile);
       const int64_t keys = k_end - k_begin;
+      const acc_t* keys_t = tile_of<acc_t>(tiles.k, bh, task % blocks);
+      const acc_t* values_t = tile_of<acc_t>(tiles.v, bh, task % blocks);
       acc_t* grad_k_block = grad_k + (bh * shape.len_k + k_begin) * dim;
       acc_t* grad_v_block = grad_v + (bh * shape.len_k + k_begin) * dim;
       std::fill(grad_k_block, grad_k_block + keys * dim, acc_t(0));
       std::fill(grad_v_block, grad_v_block + keys * dim, acc_t(0));
-      // Only the query tiles whose band reaches this key block; within a tile, each key visits exactly
-      // the queries that see it (an interval, by the monotone centres).
+      // Only the query tiles whose band reaches this key block; each key's gradient sums over exactly the
+      // queries that see it (an interval, by the monotone centres).
       const KeyRange queries = guidance_query_range(k_begin, k_end, shape.len_q, shape.len_k, op.window);
       if (queries.first > queries.last) continue;
       for (int64_t r = 0; r < keys; ++r) {
@@ -581,33 +603,23 @@ void backward_key_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, 
       }
       for (int64_t tile = queries.first - queries.first % kQueryBlock; tile <= queries.last; tile += kQueryBlock) {
         const int64_t tile_end = std::min(shape.len_q, tile + kQueryBlock);
-        for (int64_t r = 0; r < keys; ++r) {
-          scratch.first[r] = std::min(std::max(seen_by[r].first, tile), tile_end) - tile;
-          scratch.last[r] = std::max(std::min(seen_by[r].last + 1, tile_end) - tile, scratch.first[r]);
-        }
-        const auto [lo, hi] = rows_with_pairs(scratch.first, scratch.last, keys);
+        const auto [lo, hi] = block_grads(op, bh, tile, tile_end - tile, grad_out, lse, delta, keys_t, values_t,
+                                          [&](int64_t i) { return span_in_tile(op, i, k_begin, k_end); }, scratch);
         if (lo >= hi) continue;
-        const acc_t* q_tile = op.q_row(bh, tile);
-        const acc_t* dout_tile = grad_out + (bh * shape.len_q + tile) * dim;
-        std::copy(lse + bh * shape.len_q + tile, lse + bh * shape.len_q + tile_end, scratch.lse.begin());
-        std::copy(delta + bh * shape.len_q + tile, delta + bh * shape.len_q + tile_end, scratch.delta.begin());
-        auto scores = [&](int64_t r0, int64_t r1) { return scratch.scores_of(lo + r0, lo + r1, dim); };
-        multiply<acc_t, false>(op.k_row(bh, k_begin + lo), dim, 1, hi - lo,
-                               tile_of<acc_t>(tiles.q, bh, tile / kQueryBlock), kQueryBlock, scores,
-                               scratch.scores.data() + lo * kQueryBlock, kQueryBlock);
-        multiply<acc_t, false>(op.v_row(bh, k_begin + lo), dim, 1, hi - lo,
-                               tile_of<acc_t>(tiles.grad_out, bh, tile / kQueryBlock), kQueryBlock, scores,
-                               scratch.dout_dot_v.data() + lo * kQueryBlock, kQueryBlock);
-        for (int64_t r = lo; r < hi; ++r) {
-          pair_grads(scratch.scores.data() + r * kQueryBlock, scratch.dout_dot_v.data() + r * kQueryBlock,
-                     scratch.lse.data(), scratch.delta.data(), op.scale, scratch.first[r], scratch.last[r],
-                     kQueryBlock, scratch.p.data() + r * kQueryBlock, scratch.ds.data() + r * kQueryBlock);
+        // Each key's queries in the tile, within the rows [lo, hi) that block_grads filled.
+        for (int64_t r = 0; r < keys; ++r) {
+          scratch.key_first[r] = std::clamp(seen_by[r].first - tile, lo, hi);
+          scratch.key_last[r] = std::clamp(seen_by[r].last + 1 - tile, scratch.key_first[r], hi);
         }
-        auto gradients = [&](int64_t r0, int64_t r1) { return scratch.gradients_of(lo + r0, lo + r1, dim); };
-        multiply<acc_t, true>(scratch.ds.data() + lo * kQueryBlock, kQueryBlock, 1, hi - lo, q_tile, dim, gradients,
-                              grad_k_block + lo * dim, dim);
-        multiply<acc_t, true>(scratch.p.data() + lo * kQueryBlock, kQueryBlock, 1, hi - lo, dout_tile, dim, gradients,
-                              grad_v_block + lo * dim, dim);
+        const auto [key_lo, key_hi] = rows_with_pairs(scratch.key_first, scratch.key_last, keys);
+        auto gradients = [&, key_lo = key_lo](int64_t r0, int64_t r1) {
+          return scratch.dk_of(key_lo + r0, key_lo + r1, dim);
+        };
+        multiply<acc_t, true>(scratch.ds.data() + key_lo, 1, kKeyTile, key_hi - key_lo, op.q_row(bh, tile), dim,
+                              gradients, grad_k_block + key_lo * dim, dim);
+        multiply<acc_t, true>(scratch.p.data() + key_lo, 1, kKeyTile, key_hi - key_lo,
+                              grad_out + (bh * shape.len_q + tile) * dim, dim, gradients,
+                              grad_v_block + key_lo * dim, dim);
       }
     }
   });
@@ -663,8 +675,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_
     AT_DISPATCH_FLOATING_TYPES(acc_type, "guidance_attention_backward_cpu", [&] {
       const Operands<scalar_t> op = operands_of<scalar_t>(in, shape, window, scale);
       BackwardTiles tiles{transposed_tiles<scalar_t, kKeyTile>(in.k), transposed_tiles<scalar_t, kKeyTile>(in.v),
-                          at::Tensor(), at::Tensor(), transposed_tiles<scalar_t, kQueryBlock>(in.q),
-                          transposed_tiles<scalar_t, kQueryBlock>(grad_out)};
+                          at::Tensor(), at::Tensor()};
       if (k_global.has_value()) {
         tiles.k_global = transposed_tiles<scalar_t, kKeyTile>(in.k_global);
         tiles.v_global = transposed_tiles<scalar_t, kKeyTile>(in.v_global);
