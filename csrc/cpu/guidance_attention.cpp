@@ -1,17 +1,16 @@
 // guidance_attention on the CPU, flash-attention style: programs own a block of kQueryBlock queries of
 // one (batch, head), walk only the key tiles that intersect the band of the block (then the global
 // tokens as one more tile), keep a running max / sum per row (online softmax) and never build the
-// (Lq, Lk) score matrix. Dot products are computed tile-wide against a transposed tile (vector FMAs, no
-// horizontal sums); the tiles are transposed once per call and shared by every block that visits them. The
-// softmax and the gradients then take exactly each row's allowed keys, and sums of weighted rows
-// (P V, dS K, ...) keep their accumulators in registers across the rows (no store per key).
-// The backward recomputes the probabilities from the saved row logsumexp: one pass over query blocks
-// for dq (and per-block partials of the global gradients, added afterwards in a fixed order), one pass
-// over key blocks for dk and dv that visits the queries whose band reaches the block. Each (rows x tile)
-// block goes as small register-blocked matrix products (scores and dO.v into scratch, p and ds over the
-// block, then the gradient rows), each row restricted to the part of the band it needs. No thread ever
-// writes another's rows, so the gradients are bitwise reproducible for any number of threads.
-// Inputs are converted to the accumulation type (fp32, fp64 for fp64) once, up front.
+// (Lq, Lk) score matrix. Each (query block x key tile) block goes as small register-blocked matrix
+// products into per-thread scratch (scores against a transposed key tile, then P V), each group of rows
+// restricted to the part of the band it needs; the tiles are transposed once per call and shared by every
+// block that visits them. Each row's softmax and gradients take exactly its allowed keys (weights of 0
+// elsewhere in the tile).
+// The backward recomputes the probabilities from the saved row logsumexp, block by block as the forward:
+// one pass over query blocks for dq (and per-block partials of the global gradients, added afterwards in
+// a fixed order), one pass over key blocks for dk and dv that recomputes the blocks of the queries whose
+// band reaches it. No thread ever writes another's rows, so the gradients are bitwise reproducible for any
+// number of threads. Inputs are converted to the accumulation type (fp32, fp64 for fp64) once, up front.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,26 +34,6 @@ using at::vec::Vectorized;
 constexpr int64_t kQueryBlock = 32;
 constexpr int64_t kKeyTile = 64;
 
-// out[r] = <row, column r of tile_t> for r < kWidth. tile_t is the transpose of kWidth rows (dim x kWidth,
-// zero-padded), so the products broadcast one element of `row` against whole vectors of the tile: no
-// horizontal reduction per pair, and kWidth / Vec::size() independent accumulators.
-template <typename acc_t, int64_t kWidth>
-inline void row_times_tile(const acc_t* row, const acc_t* tile_t, int64_t dim, acc_t* out) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t kVectors = kWidth / Vec::size();
-  static_assert(kWidth % Vec::size() == 0, "tile width must be a whole number of vectors");
-  Vec sums[kVectors];
-  for (int64_t c = 0; c < kVectors; ++c) sums[c] = Vec(acc_t(0));
-  for (int64_t d = 0; d < dim; ++d) {
-    const Vec element(row[d]);
-    const acc_t* tile_row = tile_t + d * kWidth;
-    for (int64_t c = 0; c < kVectors; ++c) {
-      sums[c] = at::vec::fmadd(element, Vec::loadu(tile_row + c * Vec::size()), sums[c]);
-    }
-  }
-  for (int64_t c = 0; c < kVectors; ++c) sums[c].store(out + c * Vec::size());
-}
-
 // tile_t[d][r] = rows[r][d] for r < count, 0 for count <= r < kWidth.
 template <typename acc_t, int64_t kWidth>
 inline void transpose_rows(const acc_t* rows, int64_t count, int64_t dim, acc_t* tile_t) {
@@ -62,51 +41,6 @@ inline void transpose_rows(const acc_t* rows, int64_t count, int64_t dim, acc_t*
     acc_t* tile_row = tile_t + d * kWidth;
     for (int64_t r = 0; r < count; ++r) tile_row[r] = rows[r * dim + d];
     std::fill(tile_row + count, tile_row + kWidth, acc_t(0));
-  }
-}
-
-// acc[c] += sum_j weights[j] * rows[j * dim + c] for the kVectors vectors of columns from acc: the
-// accumulators stay in registers across all the rows.
-template <typename acc_t, int kVectors>
-inline void add_weighted_rows_block(const acc_t* weights, int64_t count, const acc_t* rows, int64_t dim,
-                                    acc_t* acc) {
-  using Vec = Vectorized<acc_t>;
-  Vec sums[kVectors];
-  for (int c = 0; c < kVectors; ++c) sums[c] = Vec::loadu(acc + c * Vec::size());
-  for (int64_t j = 0; j < count; ++j) {
-    const Vec weight(weights[j]);
-    const acc_t* row = rows + j * dim;
-    for (int c = 0; c < kVectors; ++c) sums[c] = at::vec::fmadd(weight, Vec::loadu(row + c * Vec::size()), sums[c]);
-  }
-  for (int c = 0; c < kVectors; ++c) sums[c].store(acc + c * Vec::size());
-}
-
-// acc[0, dim) += sum_j weights[j] * rows[j], for `count` rows `dim` apart: blocks of 8, 4, 2 and 1 vectors of
-// columns, then the scalar tail. One load and store of acc per call instead of one per row, whose
-// store-to-load latency would otherwise chain every row's FMAs.
-template <typename acc_t>
-inline void add_weighted_rows(const acc_t* weights, int64_t count, const acc_t* rows, int64_t dim, acc_t* acc) {
-  constexpr int64_t width = Vectorized<acc_t>::size();
-  int64_t c = 0;
-  for (; c + 8 * width <= dim; c += 8 * width) {
-    add_weighted_rows_block<acc_t, 8>(weights, count, rows + c, dim, acc + c);
-  }
-  if (c + 4 * width <= dim) {
-    add_weighted_rows_block<acc_t, 4>(weights, count, rows + c, dim, acc + c);
-    c += 4 * width;
-  }
-  if (c + 2 * width <= dim) {
-    add_weighted_rows_block<acc_t, 2>(weights, count, rows + c, dim, acc + c);
-    c += 2 * width;
-  }
-  if (c + width <= dim) {
-    add_weighted_rows_block<acc_t, 1>(weights, count, rows + c, dim, acc + c);
-    c += width;
-  }
-  for (; c < dim; ++c) {
-    acc_t sum = acc[c];
-    for (int64_t j = 0; j < count; ++j) sum += weights[j] * rows[j * dim + c];
-    acc[c] = sum;
   }
 }
 
@@ -216,112 +150,6 @@ struct RowState {
   std::vector<acc_t> acc;  // rows x dim: sum_j exp(s_j - max) v_j
 };
 
-// Folds `count` keys into a row's running softmax, given their dot products with the row and their
-// value rows (contiguous, `dim` apart).
-template <typename acc_t>
-inline void fold_scores(const acc_t* dots, int64_t count, const acc_t* values, acc_t scale, int64_t dim,
-                        acc_t* weights, acc_t& row_max, acc_t& row_sum, acc_t* acc) {
-  using Vec = Vectorized<acc_t>;
-  if (count <= 0) return;
-  at::vec::map([scale](Vec x) { return x * Vec(scale); }, weights, dots, count);
-  const acc_t tile_max =
-      at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, weights, count);
-  const acc_t new_max = std::max(row_max, tile_max);
-  const acc_t correction = std::exp(row_max - new_max);  // exp(-inf) = 0 on the first tile
-  at::vec::map([new_max](Vec x) { return (x - Vec(new_max)).exp(); }, weights, weights, count);
-  row_sum = row_sum * correction + at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, weights, count);
-  scale_row(correction, acc, dim);
-  add_weighted_rows(weights, count, values, dim, acc);
-  row_max = new_max;
-}
-
-// Per-row products of one tile, for one thread.
-template <typename acc_t>
-struct TileScratch {
-  TileScratch() : dots(kKeyTile), weights(kKeyTile) {}
-  std::vector<acc_t> dots;
-  std::vector<acc_t> weights;
-};
-
-template <typename acc_t>
-void forward_kernel(const Operands<acc_t>& op, const at::Tensor& k_tiles, const at::Tensor& k_global_tiles,
-                    acc_t* out, acc_t* lse) {
-  const GuidanceAttentionShape& shape = op.shape;
-  const int64_t dim = shape.head_dim;
-  const int64_t blocks = num_query_blocks(shape);
-  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    RowState<acc_t> state(kQueryBlock, dim);
-    TileScratch<acc_t> scratch;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks;
-      const int64_t q_begin = (task % blocks) * kQueryBlock;
-      const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
-      std::fill(state.max.begin(), state.max.end(), -std::numeric_limits<acc_t>::infinity());
-      std::fill(state.sum.begin(), state.sum.end(), acc_t(0));
-      std::fill(state.acc.begin(), state.acc.end(), acc_t(0));
-      // Folds the keys of the transposed tile `keys_t` into every row, each row restricted to its keys
-      // [first, last) of the tile (offsets from the tile start).
-      auto fold_tile = [&](const acc_t* keys_t, const acc_t* values, auto row_span) {
-        for (int64_t i = q_begin; i < q_end; ++i) {
-          const int64_t r = i - q_begin;
-          const auto [first, last] = row_span(i);
-          if (first >= last) continue;
-          row_times_tile<acc_t, kKeyTile>(op.q_row(bh, i), keys_t, dim, scratch.dots.data());
-          fold_scores(scratch.dots.data() + first, last - first, values + first * dim, op.scale, dim,
-                      scratch.weights.data(), state.max[r], state.sum[r], state.acc.data() + r * dim);
-        }
-      };
-      if (shape.len_k > 0) {
-        // Key tiles aligned to kKeyTile, from the first to the last key the block's band reaches.
-        const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
-        for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
-          const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
-          fold_tile(tile_of<acc_t>(k_tiles, bh, tile / kKeyTile), op.v_row(bh, tile), [&](int64_t i) {
-            const auto [first, last] = op.row_keys(i, tile, tile_end);
-            return std::pair<int64_t, int64_t>{first - tile, last - tile};
-          });
-        }
-      }
-      for (int64_t chunk = 0; chunk < shape.globals; chunk += kKeyTile) {
-        const int64_t count = std::min(kKeyTile, shape.globals - chunk);
-        fold_tile(tile_of<acc_t>(k_global_tiles, bh, chunk / kKeyTile), op.vg_row(bh, chunk),
-                  [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; });
-      }
-      for (int64_t i = q_begin; i < q_end; ++i) {
-        const int64_t r = i - q_begin;
-        const int64_t row = bh * shape.len_q + i;
-        acc_t* out_row = out + row * dim;
-        std::copy(state.acc.data() + r * dim, state.acc.data() + (r + 1) * dim, out_row);
-        scale_row(acc_t(1) / state.sum[r], out_row, dim);
-        lse[row] = state.max[r] + std::log(state.sum[r]);
-      }
-    }
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> guidance_attention_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v,
-                                                          const std::optional<at::Tensor>& k_global,
-                                                          const std::optional<at::Tensor>& v_global, int64_t window,
-                                                          double scale) {
-  const GuidanceAttentionShape shape = check_guidance_attention(q, k, v, k_global, v_global, window);
-  check_cpu_dtype(q);
-  const at::ScalarType acc_type = guidance_lse_type(q.scalar_type());
-  const Inputs in = to_acc(q, k, v, k_global, v_global, acc_type);
-  at::Tensor out = at::empty({shape.batch, shape.heads, shape.len_q, shape.head_dim}, in.q.options());
-  at::Tensor lse = at::empty({shape.batch, shape.heads, shape.len_q}, in.q.options());
-  if (shape.batch * shape.heads * shape.len_q > 0) {
-    AT_DISPATCH_FLOATING_TYPES(acc_type, "guidance_attention_cpu", [&] {
-      const at::Tensor k_tiles = transposed_tiles<scalar_t, kKeyTile>(in.k);
-      const at::Tensor k_global_tiles =
-          in.k_global.defined() ? transposed_tiles<scalar_t, kKeyTile>(in.k_global) : at::Tensor();
-      forward_kernel<scalar_t>(operands_of<scalar_t>(in, shape, window, scale), k_tiles, k_global_tiles,
-                               out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
-    });
-  }
-  return {out.to(q.scalar_type()), lse};
-}
-
 // c[r][x] (+)= sum_k a[r * a_row + k * a_step] * b[k * ldb + x] over k in [k_begin, k_end), for kRows rows r and
 // kVectors vectors of columns x (c rows ldc apart). Register-blocked: each vector loaded from b feeds kRows FMAs
 // and each element broadcast from a feeds kVectors, so loads do not bound the FMAs, and the kRows * kVectors
@@ -400,6 +228,169 @@ void multiply(const acc_t* a, int64_t a_row, int64_t a_step, int64_t rows, const
   }
 }
 
+// The union [min first, max last) of the spans [first[r], last[r]) of rows [r0, r1).
+inline std::pair<int64_t, int64_t> union_of(const std::vector<int64_t>& first, const std::vector<int64_t>& last,
+                                            int64_t r0, int64_t r1) {
+  return {*std::min_element(first.begin() + r0, first.begin() + r1),
+          *std::max_element(last.begin() + r0, last.begin() + r1)};
+}
+
+// The rows [lo, hi) of [0, rows) whose span is not empty: an interval, as the spans move monotonically with the
+// row (the band follows the non-decreasing centres).
+inline std::pair<int64_t, int64_t> rows_with_pairs(const std::vector<int64_t>& first, const std::vector<int64_t>& last,
+                                                   int64_t rows) {
+  int64_t lo = 0, hi = rows;
+  while (lo < hi && first[lo] >= last[lo]) ++lo;
+  while (hi > lo && first[hi - 1] >= last[hi - 1]) --hi;
+  return {lo, hi};
+}
+
+// One thread's block of up to kQueryBlock query rows against a tile of kKeyTile keys: the scores, the dO.v
+// products, p and ds (rows kKeyTile apart); each query row's span [first, last) of the tile's keys and, for
+// the key pass, each key's span [key_first, key_last) of the block's rows.
+template <typename acc_t>
+struct BlockScratch {
+  BlockScratch()
+      : scores(kQueryBlock * kKeyTile), dout_dot_v(kQueryBlock * kKeyTile), p(kQueryBlock * kKeyTile),
+        ds(kQueryBlock * kKeyTile), first(kQueryBlock), last(kQueryBlock), key_first(kKeyTile), key_last(kKeyTile) {}
+  std::vector<acc_t> scores, dout_dot_v, p, ds;
+  std::vector<int64_t> first, last, key_first, key_last;
+  // The scores (or dO.v products) of query rows [r0, r1): the whole head dim, the keys of their spans in whole
+  // vectors (the tile width is a whole number of them), so that work outside the band is skipped at its edges.
+  BlockRange scores_of(int64_t r0, int64_t r1, int64_t dim) const {
+    constexpr int64_t size = Vectorized<acc_t>::size();
+    const auto [span_first, span_last] = union_of(first, last, r0, r1);
+    return {0, dim, span_first - span_first % size, (span_last + size - 1) / size * size};
+  }
+  // A product summed over the keys of query rows [r0, r1)'s spans, as P V or dS K: the whole head dim.
+  BlockRange sum_over_keys(int64_t r0, int64_t r1, int64_t dim) const {
+    const auto [span_first, span_last] = union_of(first, last, r0, r1);
+    return {span_first, span_last, 0, dim};
+  }
+  // A product summed over the query rows that see keys [r0, r1), as dS^T Q or P^T dO: the whole head dim.
+  BlockRange sum_over_queries(int64_t r0, int64_t r1, int64_t dim) const {
+    const auto [span_first, span_last] = union_of(key_first, key_last, r0, r1);
+    return {span_first, span_last, 0, dim};
+  }
+};
+
+// The span of query i in the keys [tile, tile_end), as offsets from tile; first == last when empty.
+template <typename acc_t>
+std::pair<int64_t, int64_t> span_in_tile(const Operands<acc_t>& op, int64_t i, int64_t tile, int64_t tile_end) {
+  const auto [first, last] = op.row_keys(i, tile, tile_end);
+  const int64_t clamped_first = std::min(first, tile_end);
+  return {clamped_first - tile, std::max(clamped_first, last) - tile};
+}
+
+// Folds row r's scores of one tile (its span [first, last) of `scores`, a row of kKeyTile) into the row's
+// running softmax: rescales its accumulator by exp(old max - new max) and leaves the row's weights
+// exp(scale s - new max) in p, 0 outside the span, for the block product P V that adds them to it.
+template <typename acc_t>
+inline void fold_row(const acc_t* scores, int64_t first, int64_t last, acc_t scale, int64_t dim, acc_t* p,
+                     acc_t& row_max, acc_t& row_sum, acc_t* acc) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t count = last - first;
+  std::fill(p, p + first, acc_t(0));
+  std::fill(p + last, p + kKeyTile, acc_t(0));
+  acc_t* weights = p + first;
+  at::vec::map([scale](Vec x) { return x * Vec(scale); }, weights, scores + first, count);
+  const acc_t tile_max =
+      at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, weights, count);
+  const acc_t new_max = std::max(row_max, tile_max);
+  const acc_t correction = std::exp(row_max - new_max);  // exp(-inf) = 0 on the first tile
+  at::vec::map([new_max](Vec x) { return (x - Vec(new_max)).exp(); }, weights, weights, count);
+  row_sum = row_sum * correction + at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, weights, count);
+  scale_row(correction, acc, dim);
+  row_max = new_max;
+}
+
+// Per block of kQueryBlock queries and tile of kKeyTile keys: the scores S = Q K^T as a register-blocked matrix
+// product into scratch, the online softmax row by row (fold_row), then acc += P V as another.
+template <typename acc_t>
+void forward_kernel(const Operands<acc_t>& op, const at::Tensor& k_tiles, const at::Tensor& k_global_tiles,
+                    acc_t* out, acc_t* lse) {
+  const GuidanceAttentionShape& shape = op.shape;
+  const int64_t dim = shape.head_dim;
+  const int64_t blocks = num_query_blocks(shape);
+  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    RowState<acc_t> state(kQueryBlock, dim);
+    BlockScratch<acc_t> scratch;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks;
+      const int64_t q_begin = (task % blocks) * kQueryBlock;
+      const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
+      const int64_t rows = q_end - q_begin;
+      std::fill(state.max.begin(), state.max.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(state.sum.begin(), state.sum.end(), acc_t(0));
+      std::fill(state.acc.begin(), state.acc.end(), acc_t(0));
+      // Folds the keys of one tile (transposed in keys_t, value rows from `values`) into every row, each row
+      // restricted to its span row_span(i) of the tile (offsets from the tile start, first == last when empty).
+      auto fold_tile = [&](const acc_t* keys_t, const acc_t* values, auto row_span) {
+        for (int64_t r = 0; r < rows; ++r) std::tie(scratch.first[r], scratch.last[r]) = row_span(q_begin + r);
+        const auto [lo, hi] = rows_with_pairs(scratch.first, scratch.last, rows);
+        if (lo >= hi) return;
+        multiply<acc_t, false>(
+            op.q_row(bh, q_begin + lo), dim, 1, hi - lo, keys_t, kKeyTile,
+            [&, lo = lo](int64_t r0, int64_t r1) { return scratch.scores_of(lo + r0, lo + r1, dim); },
+            scratch.scores.data() + lo * kKeyTile, kKeyTile);
+        for (int64_t r = lo; r < hi; ++r) {
+          fold_row(scratch.scores.data() + r * kKeyTile, scratch.first[r], scratch.last[r], op.scale, dim,
+                   scratch.p.data() + r * kKeyTile, state.max[r], state.sum[r], state.acc.data() + r * dim);
+        }
+        multiply<acc_t, true>(
+            scratch.p.data() + lo * kKeyTile, kKeyTile, 1, hi - lo, values, dim,
+            [&, lo = lo](int64_t r0, int64_t r1) { return scratch.sum_over_keys(lo + r0, lo + r1, dim); },
+            state.acc.data() + lo * dim, dim);
+      };
+      if (shape.len_k > 0) {
+        // Key tiles aligned to kKeyTile, from the first to the last key the block's band reaches.
+        const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
+        for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
+          const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
+          fold_tile(tile_of<acc_t>(k_tiles, bh, tile / kKeyTile), op.v_row(bh, tile),
+                    [&](int64_t i) { return span_in_tile(op, i, tile, tile_end); });
+        }
+      }
+      for (int64_t chunk = 0; chunk < shape.globals; chunk += kKeyTile) {
+        const int64_t count = std::min(kKeyTile, shape.globals - chunk);
+        fold_tile(tile_of<acc_t>(k_global_tiles, bh, chunk / kKeyTile), op.vg_row(bh, chunk),
+                  [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; });
+      }
+      for (int64_t i = q_begin; i < q_end; ++i) {
+        const int64_t r = i - q_begin;
+        const int64_t row = bh * shape.len_q + i;
+        acc_t* out_row = out + row * dim;
+        std::copy(state.acc.data() + r * dim, state.acc.data() + (r + 1) * dim, out_row);
+        scale_row(acc_t(1) / state.sum[r], out_row, dim);
+        lse[row] = state.max[r] + std::log(state.sum[r]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> guidance_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& k_global,
+                                                          const std::optional<at::Tensor>& v_global, int64_t window,
+                                                          double scale) {
+  const GuidanceAttentionShape shape = check_guidance_attention(q, k, v, k_global, v_global, window);
+  check_cpu_dtype(q);
+  const at::ScalarType acc_type = guidance_lse_type(q.scalar_type());
+  const Inputs in = to_acc(q, k, v, k_global, v_global, acc_type);
+  at::Tensor out = at::empty({shape.batch, shape.heads, shape.len_q, shape.head_dim}, in.q.options());
+  at::Tensor lse = at::empty({shape.batch, shape.heads, shape.len_q}, in.q.options());
+  if (shape.batch * shape.heads * shape.len_q > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "guidance_attention_cpu", [&] {
+      const at::Tensor k_tiles = transposed_tiles<scalar_t, kKeyTile>(in.k);
+      const at::Tensor k_global_tiles =
+          in.k_global.defined() ? transposed_tiles<scalar_t, kKeyTile>(in.k_global) : at::Tensor();
+      forward_kernel<scalar_t>(operands_of<scalar_t>(in, shape, window, scale), k_tiles, k_global_tiles,
+                               out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+    });
+  }
+  return {out.to(q.scalar_type()), lse};
+}
+
 // The backward of a row of (query, key) pairs from their scores q.k and products dO.v, recomputed from the
 // row's saved lse and delta: p = exp(scale q.k - lse) and ds = scale p (dO.v - delta), the gradient of q.k, for
 // the row's pairs [first, last); 0 for its other pairs in [0, width), so that block products over whole rows
@@ -437,52 +428,6 @@ struct BackwardTiles {
   at::Tensor k, v, k_global, v_global;
 };
 
-// The union [min first, max last) of the spans [first[r], last[r]) of rows [r0, r1).
-inline std::pair<int64_t, int64_t> union_of(const std::vector<int64_t>& first, const std::vector<int64_t>& last,
-                                            int64_t r0, int64_t r1) {
-  return {*std::min_element(first.begin() + r0, first.begin() + r1),
-          *std::max_element(last.begin() + r0, last.begin() + r1)};
-}
-
-// The rows [lo, hi) of [0, rows) whose span is not empty: an interval, as the spans move monotonically with the
-// row (the band follows the non-decreasing centres).
-inline std::pair<int64_t, int64_t> rows_with_pairs(const std::vector<int64_t>& first, const std::vector<int64_t>& last,
-                                                   int64_t rows) {
-  int64_t lo = 0, hi = rows;
-  while (lo < hi && first[lo] >= last[lo]) ++lo;
-  while (hi > lo && first[hi - 1] >= last[hi - 1]) --hi;
-  return {lo, hi};
-}
-
-// One thread's block of up to kQueryBlock query rows against a tile of kKeyTile keys: the scores, the dO.v
-// products, p and ds (rows kKeyTile apart); each query row's span [first, last) of the tile's keys and, for
-// the key pass, each key's span [key_first, key_last) of the block's rows.
-template <typename acc_t>
-struct BlockScratch {
-  BlockScratch()
-      : scores(kQueryBlock * kKeyTile), dout_dot_v(kQueryBlock * kKeyTile), p(kQueryBlock * kKeyTile),
-        ds(kQueryBlock * kKeyTile), first(kQueryBlock), last(kQueryBlock), key_first(kKeyTile), key_last(kKeyTile) {}
-  std::vector<acc_t> scores, dout_dot_v, p, ds;
-  std::vector<int64_t> first, last, key_first, key_last;
-  // The scores (or dO.v products) of query rows [r0, r1): the whole head dim, the keys of their spans in whole
-  // vectors (the tile width is a whole number of them), so that work outside the band is skipped at its edges.
-  BlockRange scores_of(int64_t r0, int64_t r1, int64_t dim) const {
-    constexpr int64_t size = Vectorized<acc_t>::size();
-    const auto [span_first, span_last] = union_of(first, last, r0, r1);
-    return {0, dim, span_first - span_first % size, (span_last + size - 1) / size * size};
-  }
-  // The dq of query rows [r0, r1): the whole head dim, summed over the keys of their spans.
-  BlockRange dq_of(int64_t r0, int64_t r1, int64_t dim) const {
-    const auto [span_first, span_last] = union_of(first, last, r0, r1);
-    return {span_first, span_last, 0, dim};
-  }
-  // The dk (or dv) of keys [r0, r1): the whole head dim, summed over the query rows that see them.
-  BlockRange dk_of(int64_t r0, int64_t r1, int64_t dim) const {
-    const auto [span_first, span_last] = union_of(key_first, key_last, r0, r1);
-    return {span_first, span_last, 0, dim};
-  }
-};
-
 // p and ds of the query rows [q_begin, q_begin + rows) against one tile of keys, transposed in keys_t and
 // values_t, each row restricted to its span row_span(i) of the tile (offsets from the tile start, first ==
 // last when empty): the scores and dO.v products as register-blocked matrix products, then pair_grads. Leaves
@@ -510,14 +455,6 @@ std::pair<int64_t, int64_t> block_grads(const Operands<acc_t>& op, int64_t bh, i
   return {lo, hi};
 }
 
-// The span of query i in the keys [tile, tile_end), as offsets from tile; first == last when empty.
-template <typename acc_t>
-std::pair<int64_t, int64_t> span_in_tile(const Operands<acc_t>& op, int64_t i, int64_t tile, int64_t tile_end) {
-  const auto [first, last] = op.row_keys(i, tile, tile_end);
-  const int64_t clamped_first = std::min(first, tile_end);
-  return {clamped_first - tile, std::max(clamped_first, last) - tile};
-}
-
 // The query pass: per block of kQueryBlock queries and tile of kKeyTile keys, p and ds (block_grads), then
 // dQ += dS K.
 template <typename acc_t>
@@ -543,7 +480,7 @@ void backward_query_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles
         if (lo >= hi) return;
         multiply<acc_t, true>(
             scratch.ds.data() + lo * kKeyTile, kKeyTile, 1, hi - lo, keys, dim,
-            [&, lo = lo](int64_t r0, int64_t r1) { return scratch.dq_of(lo + r0, lo + r1, dim); },
+            [&, lo = lo](int64_t r0, int64_t r1) { return scratch.sum_over_keys(lo + r0, lo + r1, dim); },
             grad_q_block + lo * dim, dim);
       };
       if (shape.len_k > 0) {
@@ -613,7 +550,7 @@ void backward_key_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, 
         }
         const auto [key_lo, key_hi] = rows_with_pairs(scratch.key_first, scratch.key_last, keys);
         auto gradients = [&, key_lo = key_lo](int64_t r0, int64_t r1) {
-          return scratch.dk_of(key_lo + r0, key_lo + r1, dim);
+          return scratch.sum_over_queries(key_lo + r0, key_lo + r1, dim);
         };
         multiply<acc_t, true>(scratch.ds.data() + key_lo, 1, kKeyTile, key_hi - key_lo, op.q_row(bh, tile), dim,
                               gradients, grad_k_block + key_lo * dim, dim);
