@@ -199,6 +199,28 @@ def test_cpu_rows_with_one_key_give_exactly_zero_q_and_k_gradients(dtype, len_q,
     assert v.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif("cpu" not in sk.backends(), reason="the C++ extension was not built")
+@pytest.mark.parametrize("case", [make_case(1, 2, 70, 150, 16, 7, 3), make_case(1, 2, 150, 70, 17, 0, 1),
+                                  make_case(1, 2, 97, 97, 33, 3, -1)], ids=str)
+def test_cpu_backward_bits_do_not_depend_on_thread_count(case):
+    """B x H = 2: one thread runs the fused one-pass backward (two (batch, head) tasks per thread or more),
+    two and three threads the query pass then the key pass. Both add every term in the same order."""
+    kwargs, _ = prepare_inputs(case, seeded_generator(case.name, "threads"), torch.float32, "cpu")
+    inputs = [value for value in kwargs.values() if isinstance(value, torch.Tensor)]
+    out = sk.guidance_attention(**kwargs, backend="cpu")
+    upstream = randn(seeded_generator(case.name, "threads upstream"), *out.shape).float()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(torch.autograd.grad(sk.guidance_attention(**kwargs, backend="cpu"), inputs, upstream))
+    finally:
+        torch.set_num_threads(threads)
+    for grads in results[1:]:
+        assert all(torch.equal(first, other) for first, other in zip(results[0], grads))
+
+
 @pytest.mark.parametrize(("backend", "device"), backend_params(only=KERNELS))
 def test_torch_compile_fullgraph(backend, device):
     generator = seeded_generator("compile", backend)

@@ -6,11 +6,13 @@
 // restricted to the part of the band it needs; the tiles are transposed once per call and shared by every
 // block that visits them. Each row's softmax and gradients take exactly its allowed keys (weights of 0
 // elsewhere in the tile).
-// The backward recomputes the probabilities from the saved row logsumexp, block by block as the forward:
-// one pass over query blocks for dq (and per-block partials of the global gradients, added afterwards in
-// a fixed order), one pass over key blocks for dk and dv that recomputes the blocks of the queries whose
-// band reaches it. No thread ever writes another's rows, so the gradients are bitwise reproducible for any
-// number of threads. Inputs are converted to the accumulation type (fp32, fp64 for fp64) once, up front.
+// The backward recomputes the probabilities from the saved row logsumexp, block by block as the forward.
+// With few (batch, head) pairs per thread it runs two passes: one over query blocks for dq (and per-block
+// partials of the global gradients, added afterwards in a fixed order), one over key blocks for dk and dv
+// that recomputes the blocks of the queries whose band reaches it. With enough of them, one pass per
+// (batch, head) does both from each block, adding every term in the same order. No thread ever writes
+// another's rows, so the gradients are bitwise reproducible for any number of threads.
+// Inputs are converted to the accumulation type (fp32, fp64 for fp64) once, up front.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -455,62 +457,110 @@ std::pair<int64_t, int64_t> block_grads(const Operands<acc_t>& op, int64_t bh, i
   return {lo, hi};
 }
 
-// The query pass: per block of kQueryBlock queries and tile of kKeyTile keys, p and ds (block_grads), then
-// dQ += dS K.
+// dq and this block's share of the global tokens' gradients for query block `block` of group bh: per tile of
+// kKeyTile keys, p and ds (block_grads), then dQ += dS K; per chunk of global tokens the same, then
+// dK_global += dS^T Q and dV_global += P^T dO into the block's partial. After each local tile with pairs,
+// on_tile(tile, tile_end, lo, hi) may use the tile's p and ds, left in scratch for the rows [lo, hi).
+template <typename acc_t, typename OnTile>
+void query_block_grads(const Operands<acc_t>& op, const BackwardTiles& tiles, int64_t bh, int64_t block,
+                       const acc_t* grad_out, const acc_t* lse, const acc_t* delta, acc_t* grad_q, acc_t* partial,
+                       BlockScratch<acc_t>& scratch, OnTile on_tile) {
+  const GuidanceAttentionShape& shape = op.shape;
+  const int64_t dim = shape.head_dim;
+  const int64_t q_begin = block * kQueryBlock;
+  const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
+  const int64_t rows = q_end - q_begin;
+  acc_t* grad_q_block = grad_q + (bh * shape.len_q + q_begin) * dim;
+  std::fill(grad_q_block, grad_q_block + rows * dim, acc_t(0));
+  // The keys of one tile (transposed in keys_t and values_t, rows from `keys`) for every row restricted to its
+  // span row_span(i): adds dS K to dq, leaves p and ds in scratch and returns the rows [lo, hi) with pairs.
+  auto visit_tile = [&](const acc_t* keys_t, const acc_t* values_t, const acc_t* keys, auto row_span) {
+    const auto [lo, hi] = block_grads(op, bh, q_begin, rows, grad_out, lse, delta, keys_t, values_t, row_span, scratch);
+    if (lo < hi) {
+      multiply<acc_t, true>(
+          scratch.ds.data() + lo * kKeyTile, kKeyTile, 1, hi - lo, keys, dim,
+          [&, lo = lo](int64_t r0, int64_t r1) { return scratch.sum_over_keys(lo + r0, lo + r1, dim); },
+          grad_q_block + lo * dim, dim);
+    }
+    return std::pair<int64_t, int64_t>{lo, hi};
+  };
+  if (shape.len_k > 0) {
+    const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
+    for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
+      const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
+      const auto [lo, hi] =
+          visit_tile(tile_of<acc_t>(tiles.k, bh, tile / kKeyTile), tile_of<acc_t>(tiles.v, bh, tile / kKeyTile),
+                     op.k_row(bh, tile), [&](int64_t i) { return span_in_tile(op, i, tile, tile_end); });
+      if (lo < hi) on_tile(tile, tile_end, lo, hi);
+    }
+  }
+  // Every row sees every global token, so the block's share of their gradients sums over all its rows.
+  auto all_rows = [rows, dim](int64_t, int64_t) { return BlockRange{0, rows, 0, dim}; };
+  for (int64_t chunk = 0; chunk < shape.globals; chunk += kKeyTile) {
+    const int64_t count = std::min(kKeyTile, shape.globals - chunk);
+    visit_tile(tile_of<acc_t>(tiles.k_global, bh, chunk / kKeyTile), tile_of<acc_t>(tiles.v_global, bh, chunk / kKeyTile),
+               op.kg_row(bh, chunk), [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; });
+    multiply<acc_t, true>(scratch.ds.data(), 1, kKeyTile, count, op.q_row(bh, q_begin), dim, all_rows,
+                          partial + chunk * dim, dim);
+    multiply<acc_t, true>(scratch.p.data(), 1, kKeyTile, count, grad_out + (bh * shape.len_q + q_begin) * dim, dim,
+                          all_rows, partial + (shape.globals + chunk) * dim, dim);
+  }
+}
+
+// The queries that see each key of [k_begin, k_end), into seen_by.
+template <typename acc_t>
+void queries_seeing(const Operands<acc_t>& op, int64_t k_begin, int64_t k_end, std::vector<KeyRange>& seen_by) {
+  for (int64_t j = k_begin; j < k_end; ++j) {
+    seen_by[j - k_begin] = guidance_query_range(j, j + 1, op.shape.len_q, op.shape.len_k, op.window);
+  }
+}
+
+// dK += dS^T Q and dV += P^T dO for `keys` keys (rows of grad_k_block, grad_v_block) from the p and ds that
+// block_grads left in scratch for the query tile starting at `tile`, rows [lo, hi); each key sums over exactly
+// the queries that see it (seen_by, an interval by the monotone centres).
+template <typename acc_t>
+void add_key_grads(const Operands<acc_t>& op, int64_t bh, int64_t tile, int64_t keys,
+                   const std::vector<KeyRange>& seen_by, int64_t lo, int64_t hi, const acc_t* grad_out,
+                   BlockScratch<acc_t>& scratch, acc_t* grad_k_block, acc_t* grad_v_block) {
+  const int64_t dim = op.shape.head_dim;
+  for (int64_t r = 0; r < keys; ++r) {
+    scratch.key_first[r] = std::clamp(seen_by[r].first - tile, lo, hi);
+    scratch.key_last[r] = std::clamp(seen_by[r].last + 1 - tile, scratch.key_first[r], hi);
+  }
+  const auto [key_lo, key_hi] = rows_with_pairs(scratch.key_first, scratch.key_last, keys);
+  auto gradients = [&, key_lo = key_lo](int64_t r0, int64_t r1) {
+    return scratch.sum_over_queries(key_lo + r0, key_lo + r1, dim);
+  };
+  multiply<acc_t, true>(scratch.ds.data() + key_lo, 1, kKeyTile, key_hi - key_lo, op.q_row(bh, tile), dim, gradients,
+                        grad_k_block + key_lo * dim, dim);
+  multiply<acc_t, true>(scratch.p.data() + key_lo, 1, kKeyTile, key_hi - key_lo,
+                        grad_out + (bh * op.shape.len_q + tile) * dim, dim, gradients, grad_v_block + key_lo * dim, dim);
+}
+
+// The global tokens' partial of query block `block` of group bh (nullptr without global tokens).
+template <typename acc_t>
+acc_t* partial_of(const Operands<acc_t>& op, acc_t* global_partial, int64_t bh, int64_t block) {
+  if (global_partial == nullptr) return nullptr;
+  return global_partial + (bh * num_query_blocks(op.shape) + block) * 2 * op.shape.globals * op.shape.head_dim;
+}
+
+// The query pass: dq and the global partials, one task per (batch, head, query block).
 template <typename acc_t>
 void backward_query_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, const acc_t* grad_out,
                            const acc_t* lse, const acc_t* delta, acc_t* grad_q, acc_t* global_partial) {
-  const GuidanceAttentionShape& shape = op.shape;
-  const int64_t dim = shape.head_dim;
-  const int64_t blocks = num_query_blocks(shape);
-  at::parallel_for(0, shape.batch * shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = num_query_blocks(op.shape);
+  at::parallel_for(0, op.shape.batch * op.shape.heads * blocks, 1, [&](int64_t begin, int64_t end) {
     BlockScratch<acc_t> scratch;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks;
-      const int64_t q_begin = (task % blocks) * kQueryBlock;
-      const int64_t q_end = std::min(shape.len_q, q_begin + kQueryBlock);
-      const int64_t rows = q_end - q_begin;
-      acc_t* grad_q_block = grad_q + (bh * shape.len_q + q_begin) * dim;
-      std::fill(grad_q_block, grad_q_block + rows * dim, acc_t(0));
-      // The keys of one tile (transposed in keys_t and values_t, rows from `keys`) for every row restricted to
-      // its span row_span(i): adds dS K to dq, leaves p and ds in scratch.
-      auto visit_tile = [&](const acc_t* keys_t, const acc_t* values_t, const acc_t* keys, auto row_span) {
-        const auto [lo, hi] =
-            block_grads(op, bh, q_begin, rows, grad_out, lse, delta, keys_t, values_t, row_span, scratch);
-        if (lo >= hi) return;
-        multiply<acc_t, true>(
-            scratch.ds.data() + lo * kKeyTile, kKeyTile, 1, hi - lo, keys, dim,
-            [&, lo = lo](int64_t r0, int64_t r1) { return scratch.sum_over_keys(lo + r0, lo + r1, dim); },
-            grad_q_block + lo * dim, dim);
-      };
-      if (shape.len_k > 0) {
-        const KeyRange band = guidance_key_range(q_begin, q_end, shape.len_q, shape.len_k, op.window);
-        for (int64_t tile = band.first - band.first % kKeyTile; tile <= band.last; tile += kKeyTile) {
-          const int64_t tile_end = std::min(shape.len_k, tile + kKeyTile);
-          visit_tile(tile_of<acc_t>(tiles.k, bh, tile / kKeyTile), tile_of<acc_t>(tiles.v, bh, tile / kKeyTile),
-                     op.k_row(bh, tile), [&](int64_t i) { return span_in_tile(op, i, tile, tile_end); });
-        }
-      }
-      // This block's share of grad_k_global then grad_v_global, (2, G, Dh): every row sees every token, so
-      // dK_global += dS^T Q and dV_global += P^T dO over the block's rows.
-      acc_t* partial = global_partial == nullptr ? nullptr : global_partial + task * 2 * shape.globals * dim;
-      auto all_rows = [rows, dim](int64_t, int64_t) { return BlockRange{0, rows, 0, dim}; };
-      for (int64_t chunk = 0; chunk < shape.globals; chunk += kKeyTile) {
-        const int64_t count = std::min(kKeyTile, shape.globals - chunk);
-        visit_tile(tile_of<acc_t>(tiles.k_global, bh, chunk / kKeyTile),
-                   tile_of<acc_t>(tiles.v_global, bh, chunk / kKeyTile), op.kg_row(bh, chunk),
-                   [count](int64_t) { return std::pair<int64_t, int64_t>{0, count}; });
-        multiply<acc_t, true>(scratch.ds.data(), 1, kKeyTile, count, op.q_row(bh, q_begin), dim, all_rows,
-                              partial + chunk * dim, dim);
-        multiply<acc_t, true>(scratch.p.data(), 1, kKeyTile, count, grad_out + (bh * shape.len_q + q_begin) * dim,
-                              dim, all_rows, partial + (shape.globals + chunk) * dim, dim);
-      }
+      const int64_t bh = task / blocks, block = task % blocks;
+      query_block_grads(op, tiles, bh, block, grad_out, lse, delta, grad_q, partial_of(op, global_partial, bh, block),
+                        scratch, [](int64_t, int64_t, int64_t, int64_t) {});
     }
   });
 }
 
-// The key pass: per block of kKeyTile keys and tile of kQueryBlock queries, the same p and ds as the query pass
-// (block_grads), then dK += dS^T Q and dV += P^T dO.
+// The key pass: dk and dv, one task per (batch, head, block of kKeyTile keys), recomputing p and ds of the
+// query tiles whose band reaches the block (block_grads, in increasing query order).
 template <typename acc_t>
 void backward_key_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, const acc_t* grad_out,
                          const acc_t* lse, const acc_t* delta, acc_t* grad_k, acc_t* grad_v) {
@@ -531,32 +581,45 @@ void backward_key_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, 
       acc_t* grad_v_block = grad_v + (bh * shape.len_k + k_begin) * dim;
       std::fill(grad_k_block, grad_k_block + keys * dim, acc_t(0));
       std::fill(grad_v_block, grad_v_block + keys * dim, acc_t(0));
-      // Only the query tiles whose band reaches this key block; each key's gradient sums over exactly the
-      // queries that see it (an interval, by the monotone centres).
       const KeyRange queries = guidance_query_range(k_begin, k_end, shape.len_q, shape.len_k, op.window);
       if (queries.first > queries.last) continue;
-      for (int64_t r = 0; r < keys; ++r) {
-        seen_by[r] = guidance_query_range(k_begin + r, k_begin + r + 1, shape.len_q, shape.len_k, op.window);
-      }
+      queries_seeing(op, k_begin, k_end, seen_by);
       for (int64_t tile = queries.first - queries.first % kQueryBlock; tile <= queries.last; tile += kQueryBlock) {
         const int64_t tile_end = std::min(shape.len_q, tile + kQueryBlock);
         const auto [lo, hi] = block_grads(op, bh, tile, tile_end - tile, grad_out, lse, delta, keys_t, values_t,
                                           [&](int64_t i) { return span_in_tile(op, i, k_begin, k_end); }, scratch);
-        if (lo >= hi) continue;
-        // Each key's queries in the tile, within the rows [lo, hi) that block_grads filled.
-        for (int64_t r = 0; r < keys; ++r) {
-          scratch.key_first[r] = std::clamp(seen_by[r].first - tile, lo, hi);
-          scratch.key_last[r] = std::clamp(seen_by[r].last + 1 - tile, scratch.key_first[r], hi);
-        }
-        const auto [key_lo, key_hi] = rows_with_pairs(scratch.key_first, scratch.key_last, keys);
-        auto gradients = [&, key_lo = key_lo](int64_t r0, int64_t r1) {
-          return scratch.sum_over_queries(key_lo + r0, key_lo + r1, dim);
-        };
-        multiply<acc_t, true>(scratch.ds.data() + key_lo, 1, kKeyTile, key_hi - key_lo, op.q_row(bh, tile), dim,
-                              gradients, grad_k_block + key_lo * dim, dim);
-        multiply<acc_t, true>(scratch.p.data() + key_lo, 1, kKeyTile, key_hi - key_lo,
-                              grad_out + (bh * shape.len_q + tile) * dim, dim, gradients,
-                              grad_v_block + key_lo * dim, dim);
+        if (lo < hi) add_key_grads(op, bh, tile, keys, seen_by, lo, hi, grad_out, scratch, grad_k_block, grad_v_block);
+      }
+    }
+  });
+}
+
+// dq, dk, dv and the global partials in one pass, one task per (batch, head): the query pass, each of its
+// (query block x key tile) blocks also adding its dS^T Q and P^T dO to the tile's keys. Half the score and
+// dO.v products of the two passes, but only B x H tasks. Every term is added in the same order as in the
+// two passes (each key's over the query tiles in increasing order, through the same block_grads and
+// add_key_grads), so the gradients have the same bits whichever runs.
+template <typename acc_t>
+void backward_fused_kernel(const Operands<acc_t>& op, const BackwardTiles& tiles, const acc_t* grad_out,
+                           const acc_t* lse, const acc_t* delta, acc_t* grad_q, acc_t* grad_k, acc_t* grad_v,
+                           acc_t* global_partial) {
+  const GuidanceAttentionShape& shape = op.shape;
+  const int64_t dim = shape.head_dim;
+  at::parallel_for(0, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
+    BlockScratch<acc_t> scratch;
+    std::vector<KeyRange> seen_by(kKeyTile);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      acc_t* grad_k_group = grad_k + bh * shape.len_k * dim;
+      acc_t* grad_v_group = grad_v + bh * shape.len_k * dim;
+      std::fill(grad_k_group, grad_k_group + shape.len_k * dim, acc_t(0));
+      std::fill(grad_v_group, grad_v_group + shape.len_k * dim, acc_t(0));
+      for (int64_t block = 0; block < num_query_blocks(shape); ++block) {
+        query_block_grads(op, tiles, bh, block, grad_out, lse, delta, grad_q, partial_of(op, global_partial, bh, block),
+                          scratch, [&](int64_t tile, int64_t tile_end, int64_t lo, int64_t hi) {
+                            queries_seeing(op, tile, tile_end, seen_by);
+                            add_key_grads(op, bh, block * kQueryBlock, tile_end - tile, seen_by, lo, hi, grad_out,
+                                          scratch, grad_k_group + tile * dim, grad_v_group + tile * dim);
+                          });
       }
     }
   });
@@ -621,10 +684,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_
       const scalar_t* lse_p = lse.data_ptr<scalar_t>();
       scalar_t* delta_p = delta.data_ptr<scalar_t>();
       row_deltas(dout_p, out.data_ptr<scalar_t>(), groups * shape.len_q, shape.head_dim, delta_p);
-      backward_query_kernel<scalar_t>(op, tiles, dout_p, lse_p, delta_p, grad_q.data_ptr<scalar_t>(),
-                                      global_partial.defined() ? global_partial.data_ptr<scalar_t>() : nullptr);
-      backward_key_kernel<scalar_t>(op, tiles, dout_p, lse_p, delta_p, grad_k.data_ptr<scalar_t>(),
-                                    grad_v.data_ptr<scalar_t>());
+      scalar_t* partial_p = global_partial.defined() ? global_partial.data_ptr<scalar_t>() : nullptr;
+      // One pass when the (batch, head) pairs alone keep every thread busy (two tasks each or more); the same
+      // bits either way.
+      if (groups >= 2 * at::get_num_threads()) {
+        backward_fused_kernel<scalar_t>(op, tiles, dout_p, lse_p, delta_p, grad_q.data_ptr<scalar_t>(),
+                                        grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(), partial_p);
+      } else {
+        backward_query_kernel<scalar_t>(op, tiles, dout_p, lse_p, delta_p, grad_q.data_ptr<scalar_t>(), partial_p);
+        backward_key_kernel<scalar_t>(op, tiles, dout_p, lse_p, delta_p, grad_k.data_ptr<scalar_t>(),
+                                      grad_v.data_ptr<scalar_t>());
+      }
     });
   }
   at::Tensor grad_k_global = at::empty({0}, q.options());
