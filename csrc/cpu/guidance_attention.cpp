@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../guidance_attention.h"
+#include "vec.h"
 
 namespace stepfusion {
 namespace {
@@ -300,7 +301,7 @@ inline void fold_row(const acc_t* scores, int64_t first, int64_t last, acc_t sca
       at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, weights, count);
   const acc_t new_max = std::max(row_max, tile_max);
   const acc_t correction = std::exp(row_max - new_max);  // exp(-inf) = 0 on the first tile
-  at::vec::map([new_max](Vec x) { return (x - Vec(new_max)).exp(); }, weights, weights, count);
+  at::vec::map([new_max](Vec x) { return fast_exp(x - Vec(new_max)); }, weights, weights, count);
   row_sum = row_sum * correction + at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, weights, count);
   scale_row(correction, acc, dim);
   row_max = new_max;
@@ -403,7 +404,7 @@ inline void pair_grads(const acc_t* q_dot_k, const acc_t* dout_dot_v, acc_t lse,
   using Vec = Vectorized<acc_t>;
   std::fill(p, p + first, acc_t(0));
   std::fill(ds, ds + first, acc_t(0));
-  at::vec::map([scale, lse](Vec dot) { return (dot * Vec(scale) - Vec(lse)).exp(); }, p + first, q_dot_k + first,
+  at::vec::map([scale, lse](Vec dot) { return fast_exp(dot * Vec(scale) - Vec(lse)); }, p + first, q_dot_k + first,
                last - first);
   at::vec::map2([scale, delta](Vec pv, Vec dp) { return pv * (dp - Vec(delta)) * Vec(scale); }, ds + first,
                 p + first, dout_dot_v + first, last - first);

@@ -23,4 +23,12 @@ inline at::vec::Vectorized<acc_t> load(const acc_t* ptr, int64_t i, int64_t n) {
   return n == Vec::size() ? Vec::loadu(ptr + i) : Vec::loadu(ptr + i, n);
 }
 
+// exp through at::vec's exp_u20: a polynomial, within 20 ulp in float32 (about 1.2e-6 relative) and several
+// times cheaper than Sleef's 1-ulp exp; float64 gets the exact exp. exp_u20(0) is exactly 1. It clamps its
+// argument, so a NaN would come out finite: it is put back.
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> fast_exp(const at::vec::Vectorized<acc_t>& x) {
+  return at::vec::Vectorized<acc_t>::blendv(x.exp_u20(), x, x.isnan());
+}
+
 }  // namespace stepfusion
